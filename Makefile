@@ -1,0 +1,54 @@
+# Ferry developer entry points. `make demo` and `make test` bootstrap everything
+# they need on a fresh machine; heavy one-time work is cached under
+# $(FERRY_CACHE) (default ~/.cache/ferry), keyed by pinned versions.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PY := .venv/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup lock envtest crds protos generate test unit integration e2e lint demo clean
+
+setup: .venv/.ferry-deps
+
+.venv/.ferry-deps: requirements.lock pyproject.toml hack/setup-venv.sh
+	hack/setup-venv.sh
+
+# Re-resolve the lock from requirements.in (needs the package index).
+lock:
+	rm -rf /tmp/ferry-lock && python3.11 -m venv /tmp/ferry-lock
+	/tmp/ferry-lock/bin/pip install -q -r requirements.in
+	/tmp/ferry-lock/bin/pip freeze --exclude-editable | sort > requirements.lock
+
+envtest:
+	@hack/envtest.sh
+
+crds: setup
+	$(PY) -m ferry_api.generate
+
+protos: setup
+	$(PY) -m ferry_agent.proto.build
+
+generate: crds protos
+
+lint: setup
+	$(PY) -m ruff check crds operator agent tests
+	$(PY) -m ruff format --check crds operator agent tests
+
+unit: setup
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: setup
+	FERRY_ENVTEST_DIR="$$(hack/envtest.sh | tail -n1)" $(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+e2e: setup
+	FERRY_ENVTEST_DIR="$$(hack/envtest.sh | tail -n1)" $(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+test: setup
+	FERRY_ENVTEST_DIR="$$(hack/envtest.sh | tail -n1)" $(PY) -m pytest tests $(PYTEST_ARGS)
+
+demo: setup
+	FERRY_ENVTEST_DIR="$$(hack/envtest.sh | tail -n1)" $(PY) -m ferry_operator.dev.demo
+
+clean:
+	rm -rf .venv .pytest_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""Ferry operator: kopf handlers, planner, webhook and metrics."""
