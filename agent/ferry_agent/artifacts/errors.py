@@ -16,6 +16,11 @@ class ArtifactRejected(Exception):
         self.reason = reason
         self.detail = detail
 
+    @property
+    def condition_reason(self) -> str:
+        """CamelCase form for Kubernetes conditions and status: `path-traversal` -> `PathTraversal`."""
+        return "".join(p.capitalize() for p in self.reason.split("-"))
+
 
 class IdentityError(ValueError):
     """An identity is incomplete or malformed."""

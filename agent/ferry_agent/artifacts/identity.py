@@ -32,7 +32,7 @@ FIELDS: tuple[str, ...] = (
     "cuda",
     "triton",
     "gpu_arch",
-    "compile_config",
+    "compile_config_digest",
 )
 
 REQUIRED: dict[str, tuple[str, ...]] = {
@@ -44,7 +44,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
         "cuda",
         "triton",
         "gpu_arch",
-        "compile_config",
+        "compile_config_digest",
     ),
     "triton": ("triton", "cuda", "gpu_arch"),
     "deepgemm": ("cuda", "gpu_arch"),
@@ -53,7 +53,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
 KINDS: tuple[str, ...] = tuple(REQUIRED)
 
 _ARCH = re.compile(r"^(?:sm_?|compute_?)?(\d+)(?:\.(\d+))?([a-z]?)$")
-_HEX = re.compile(r"^[0-9a-f]+$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def normalize_gpu_arch(value: str) -> str:
@@ -82,11 +82,11 @@ def _normalize(field: str, value: object) -> str | None:
         return normalize_gpu_arch(v)
     if field == "framework":
         return v.lower()
-    if field == "compile_config":
+    if field == "compile_config_digest":
         v = v.lower().removeprefix("sha256:")
-        if not _HEX.match(v):
-            raise IdentityError(f"compile_config {value!r} must be a hex digest")
-        return v
+        if not _SHA256.match(v):
+            raise IdentityError(f"compile_config_digest {value!r} must be a sha256 hex digest")
+        return f"sha256:{v}"
     if field in ("framework_version", "torch", "cuda", "triton"):
         # A leading "v" is cosmetic; local version labels like "+cu124" are not.
         return v[1:] if v[:1] in ("v", "V") and v[1:2].isdigit() else v
