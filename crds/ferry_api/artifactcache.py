@@ -1,0 +1,129 @@
+"""ArtifactCache (`ac`): JIT compile caches made by warm pods, installed into new ones."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from .meta import (
+    ApiModel,
+    Condition,
+    LabelSelector,
+    conditions_field,
+    k8s,
+    observed_generation_field,
+)
+
+CacheKind = Literal["torch-compile", "triton", "deepgemm"]
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+class CacheIdentity(ApiModel):
+    """What decides whether a cache can be reused. torch-compile needs model; Triton and DeepGEMM are self-keyed."""
+
+    model: str | None = Field(default=None, max_length=253, description="Model name (required for torch-compile).")
+    framework: str | None = Field(default=None, max_length=64, description="Serving framework, e.g. vllm, sglang.")
+    framework_version: str | None = Field(default=None, max_length=64, description="Framework version.")
+    torch: str | None = Field(default=None, max_length=64, description="torch version, e.g. 2.13.0.")
+    cuda: str | None = Field(default=None, max_length=32, description="CUDA version, e.g. 13.0.")
+    triton: str | None = Field(default=None, max_length=64, description="Triton version.")
+    gpu_arch: str | None = Field(
+        default=None, max_length=32, pattern=r"^sm_[0-9]+[a-z]?$", description="GPU architecture, e.g. sm_90."
+    )
+    compile_config_digest: str | None = Field(
+        default=None,
+        pattern=r"^sha256:[0-9a-f]{64}$",
+        description="sha256 of the compile configuration (sha256:<64 hex>).",
+    )
+
+
+class Trust(ApiModel):
+    secret_ref: str = Field(
+        min_length=1, max_length=253, description="Secret holding the ed25519 public key sources sign with."
+    )
+    key: str = Field(default="ed25519.pub", min_length=1, max_length=253, description="Key in the Secret.")
+    required: bool = Field(default=True, description="Refuse caches that are unsigned or wrongly signed.")
+
+
+class ArtifactCacheSpec(ApiModel):
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": k8s(
+            validations=[
+                {
+                    "rule": "!('torch-compile' in self.kinds) || has(self.identity.model)",
+                    "message": "identity.model is required when kinds includes torch-compile (its caches are keyed by model)",
+                    "fieldPath": ".identity.model",
+                    "reason": "FieldValueRequired",
+                }
+            ]
+        )
+    }
+
+    identity: CacheIdentity = Field(
+        description="Identity the cache must match.",
+        json_schema_extra=k8s(immutable="spec.identity is immutable; create a new ArtifactCache"),
+    )
+    kinds: list[CacheKind] = Field(
+        min_length=1,
+        max_length=3,
+        description="Cache kinds to carry: torch-compile, triton, deepgemm.",
+        json_schema_extra=k8s(list_type="set"),
+    )
+    sources: LabelSelector = Field(description="Warm pods whose agents packed a cache.")
+    targets: LabelSelector = Field(description="Pods that install the cache before their engine starts.")
+    trust: Trust | None = Field(
+        default=None, description="Signature checking; without it peers are trusted and status says so."
+    )
+    max_bytes: int = Field(
+        default=20 * GiB, ge=1 * MiB, le=1 << 40, description="Largest cache accepted, in bytes."
+    )
+    install_timeout_seconds: int = Field(
+        default=300, ge=5, le=3600, description="How long a target tries before giving up and starting cold."
+    )
+
+
+class InstallFailure(ApiModel):
+    pod: str = Field(min_length=1, max_length=253, description="Target pod.")
+    reason: str = Field(max_length=128, description="CamelCase reason.")
+    message: str | None = Field(default=None, max_length=1024, description="Detail.")
+
+
+class ArtifactCacheStatus(ApiModel):
+    conditions: list[Condition] | None = conditions_field()
+    observed_generation: int | None = observed_generation_field()
+    source: str | None = Field(default=None, description="Pod serving the cache.")
+    manifest_id: str | None = Field(default=None, description="sha256 of the canonical manifest.")
+    bytes: int | None = Field(default=None, ge=0, description="Bytes in the cache.")
+    files: int | None = Field(default=None, ge=0, description="Files in the cache.")
+    trust: Literal["Signed", "Unverified"] | None = Field(
+        default=None,
+        description="Signed: targets verify an ed25519 signature. Unverified: no spec.trust, peers are trusted.",
+    )
+    installed: int | None = Field(default=None, ge=0, description="Target pods with the cache installed.")
+    targets: int | None = Field(default=None, ge=0, description="Target pods selected.")
+    failures: list[InstallFailure] | None = Field(
+        default=None,
+        description="Targets that gave up, keyed by pod.",
+        max_length=1000,
+        json_schema_extra=k8s(list_type="map", map_keys=["pod"]),
+    )
+
+
+class ArtifactCache(ApiModel):
+    """JIT compile caches made by warm pods and installed into new ones before their engine starts."""
+
+    KIND: ClassVar[str] = "ArtifactCache"
+    PLURAL: ClassVar[str] = "artifactcaches"
+    SHORT_NAMES: ClassVar[list[str]] = ["ac"]
+    PRINTER_COLUMNS: ClassVar[list[dict[str, str]]] = [
+        {"name": "Kinds", "type": "string", "jsonPath": ".spec.kinds"},
+        {"name": "Manifest", "type": "string", "jsonPath": ".status.manifestId", "priority": 1},
+        {"name": "Installed", "type": "integer", "jsonPath": ".status.installed"},
+        {"name": "Trust", "type": "string", "jsonPath": ".status.trust"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]
+
+    spec: ArtifactCacheSpec
+    status: ArtifactCacheStatus | None = None

@@ -1,0 +1,165 @@
+"""Types shared by the three kinds: base model config, selectors, conditions.
+
+Field names are camelCase on the wire (Kubernetes convention) and snake_case
+in Python; `model_dump(by_alias=True)` gives the wire form.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+# Kubernetes object names (RFC 1123 subdomain) and label values.
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# Condition reasons are CamelCase identifiers (metav1.Condition).
+REASON = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+
+
+class ApiModel(BaseModel):
+    """Base for every API type: camelCase aliases, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_enum_values=True,
+    )
+
+    def wire(self) -> dict[str, Any]:
+        """The object as it appears in the apiserver (camelCase, no unset optionals)."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def k8s(
+    *,
+    validations: list[dict[str, str]] | None = None,
+    list_type: Literal["atomic", "set", "map"] | None = None,
+    map_keys: list[str] | None = None,
+    default: Any = None,
+    immutable: str | None = None,
+) -> dict[str, Any]:
+    """Kubernetes schema extensions for a field (`json_schema_extra`)."""
+    extra: dict[str, Any] = {}
+    rules = list(validations or [])
+    if immutable:
+        rules.append({"rule": "self == oldSelf", "message": immutable})
+    if rules:
+        extra["x-kubernetes-validations"] = rules
+    if list_type:
+        extra["x-kubernetes-list-type"] = list_type
+    if map_keys:
+        extra["x-kubernetes-list-map-keys"] = map_keys
+    if default is not None:
+        extra["default"] = default
+    return extra
+
+
+class LabelSelectorRequirement(ApiModel):
+    key: str = Field(description="Label key the selector applies to.", min_length=1, max_length=317)
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(
+        description="How the key relates to the values."
+    )
+    values: list[str] | None = Field(
+        default=None,
+        description="Values for In and NotIn; must be empty for Exists and DoesNotExist.",
+        max_length=64,
+        json_schema_extra=k8s(list_type="atomic"),
+    )
+
+
+class LabelSelector(ApiModel):
+    """A pod label selector (metav1.LabelSelector); an empty selector is refused."""
+
+    model_config = ConfigDict(
+        json_schema_extra=k8s(
+            validations=[
+                {
+                    "rule": "has(self.matchLabels) && size(self.matchLabels) > 0 || "
+                    "has(self.matchExpressions) && size(self.matchExpressions) > 0",
+                    "message": "selector must name at least one label in matchLabels or matchExpressions; "
+                    "an empty selector would match every pod in the namespace",
+                }
+            ]
+        )
+    )
+
+    match_labels: dict[str, str] | None = Field(
+        default=None, description="Pods must carry every one of these labels."
+    )
+    match_expressions: list[LabelSelectorRequirement] | None = Field(
+        default=None,
+        description="Set-based requirements; all must hold.",
+        max_length=32,
+        json_schema_extra=k8s(list_type="atomic"),
+    )
+
+    def to_label_selector(self) -> str:
+        """The selector in kubectl / list-call syntax (`a=b,c in (d,e)`)."""
+        parts = [f"{k}={v}" for k, v in sorted((self.match_labels or {}).items())]
+        for req in self.match_expressions or []:
+            if req.operator == "Exists":
+                parts.append(req.key)
+            elif req.operator == "DoesNotExist":
+                parts.append(f"!{req.key}")
+            else:
+                op = "in" if req.operator == "In" else "notin"
+                parts.append(f"{req.key} {op} ({','.join(req.values or [])})")
+        return ",".join(parts)
+
+
+class LocalObjectReference(ApiModel):
+    name: str = Field(
+        description="Name of an object in the same namespace.",
+        min_length=1,
+        max_length=253,
+        pattern=DNS_SUBDOMAIN,
+    )
+
+
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+class Condition(ApiModel):
+    """One observation of the object's state (metav1.Condition)."""
+
+    type: str = Field(description="Kind of condition, e.g. Ready, Complete.", min_length=1, max_length=316)
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    reason: str = Field(
+        description="CamelCase machine-readable reason for the last transition.",
+        min_length=1,
+        max_length=1024,
+        pattern=REASON,
+    )
+    message: str = Field(default="", description="Human-readable detail.", max_length=32768)
+    last_transition_time: datetime = Field(
+        description="When status last changed (not when the message or reason last changed)."
+    )
+    observed_generation: int | None = Field(
+        default=None,
+        description="metadata.generation that this condition was computed from.",
+        ge=0,
+    )
+
+
+def conditions_field() -> Any:
+    return Field(
+        default=None,
+        description="Current state, one entry per condition type.",
+        max_length=16,
+        json_schema_extra=k8s(list_type="map", map_keys=["type"]),
+    )
+
+
+def observed_generation_field() -> Any:
+    return Field(
+        default=None,
+        description="metadata.generation most recently acted on by the operator.",
+        ge=0,
+    )
+
+
+def now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)

@@ -1,0 +1,208 @@
+"""RefitJob (`rj`): move one version of a WeightSource into a set of target pods."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from .meta import (
+    ApiModel,
+    Condition,
+    LabelSelector,
+    LocalObjectReference,
+    conditions_field,
+    k8s,
+    observed_generation_field,
+)
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+StrategyType = Literal["direct", "tree", "chain"]
+TransformType = Literal["none", "fp8-block", "reshard"]
+PauseMode = Literal["engine", "doubleBuffer", "none"]
+JobPhase = Literal["Pending", "Running", "Succeeded", "Failed"]
+TargetPhase = Literal["Pending", "Assigned", "Pulling", "Done", "Failed"]
+
+
+class Strategy(ApiModel):
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": k8s(
+            validations=[
+                {
+                    "rule": "self.type == 'direct' || self.parallelSources == 1",
+                    "message": "strategy.parallelSources above 1 needs strategy.type direct: tree and chain relay from one upstream per target",
+                    "fieldPath": ".parallelSources",
+                }
+            ]
+        )
+    }
+
+    type: StrategyType = Field(
+        default="direct",
+        description="direct: every target pulls from ready sources; tree: finished targets serve others; chain: chunk-pipelined relay.",
+    )
+    max_fan_out: int = Field(
+        default=4, ge=1, le=64, description="Most targets one source serves at a time."
+    )
+    chunk_bytes: int = Field(
+        default=64 * MiB,
+        ge=1 * MiB,
+        le=4 * GiB,
+        description="Transfer chunk size in bytes; chain relays forward whole chunks.",
+    )
+    parallel_sources: int = Field(
+        default=1, ge=1, le=16, description="Sources each target stripes its pull across."
+    )
+
+
+class Transform(ApiModel):
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": k8s(
+            validations=[
+                {
+                    "rule": "self.type != 'reshard' || has(self.targetTensorParallelSize)",
+                    "message": "transform.targetTensorParallelSize is required when transform.type is reshard",
+                    "fieldPath": ".targetTensorParallelSize",
+                    "reason": "FieldValueRequired",
+                },
+                {
+                    "rule": "self.type == 'reshard' || !has(self.targetTensorParallelSize)",
+                    "message": "transform.targetTensorParallelSize is only allowed when transform.type is reshard",
+                    "fieldPath": ".targetTensorParallelSize",
+                    "reason": "FieldValueForbidden",
+                },
+            ]
+        )
+    }
+
+    type: TransformType = Field(
+        default="none",
+        description="none; fp8-block: source serves e4m3 with block scales; reshard: change tensor-parallel size.",
+    )
+    target_tensor_parallel_size: int | None = Field(
+        default=None, ge=1, le=64, description="Tensor-parallel size of the targets (reshard only)."
+    )
+    block_size: int = Field(
+        default=128, ge=16, le=1024, description="Square block edge for fp8-block scales."
+    )
+
+
+class Pause(ApiModel):
+    mode: PauseMode = Field(
+        default="engine",
+        description="engine: ask the engine to pause and wait for its acknowledgement; doubleBuffer: pull into a second slab set and swap; none: targets are not serving.",
+    )
+    timeout_seconds: int = Field(
+        default=30,
+        ge=1,
+        le=600,
+        description="How long an engine may take to acknowledge; beyond it the target fails with EngineNotQuiesced.",
+    )
+
+
+class RefitJobSpec(ApiModel):
+    source_ref: LocalObjectReference = Field(
+        description="The WeightSource to copy from (same namespace).",
+        json_schema_extra=k8s(immutable="spec.sourceRef is immutable; create a new RefitJob"),
+    )
+    version: str = Field(
+        default="latest",
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:+-]*$",
+        description="Version to move; latest resolves at creation to the source's current version (status.version).",
+        json_schema_extra=k8s(immutable="spec.version is immutable; create a new RefitJob"),
+    )
+    targets: LabelSelector = Field(
+        description="Pods (with the Ferry agent) that receive the weights.",
+        json_schema_extra=k8s(immutable="spec.targets is immutable; create a new RefitJob"),
+    )
+    strategy: Strategy = Field(
+        default_factory=Strategy,
+        description="Fan-out and chunking.",
+        json_schema_extra=k8s(
+            default={}, immutable="spec.strategy is immutable; create a new RefitJob"
+        ),
+    )
+    transform: Transform = Field(
+        default_factory=Transform,
+        description="Transform applied between source and target.",
+        json_schema_extra=k8s(
+            default={}, immutable="spec.transform is immutable; create a new RefitJob"
+        ),
+    )
+    pause: Pause = Field(
+        default_factory=Pause,
+        description="How target engines are quiesced.",
+        json_schema_extra=k8s(default={}),
+    )
+    timeout_seconds: int = Field(
+        default=600,
+        ge=1,
+        le=86400,
+        description="Deadline for the whole job from its start; beyond it the job fails with DeadlineExceeded.",
+    )
+    backoff_limit: int = Field(
+        default=3, ge=0, le=20, description="Retries per target, each on another source when one exists."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None,
+        ge=0,
+        le=30 * 86400,
+        description="Delete the job this long after it finishes; unset keeps it.",
+    )
+
+
+class TargetStatus(ApiModel):
+    """One target's entry: the operator writes the assignment, the target's agent its progress."""
+
+    pod: str = Field(description="Target pod name.", min_length=1, max_length=253)
+    source: str | None = Field(default=None, description="Pod (or pods, comma-separated) it pulls from.", max_length=1024)
+    phase: TargetPhase | None = Field(default=None, description="Pending, Assigned, Pulling, Done or Failed.")
+    bytes: int | None = Field(default=None, ge=0, description="Bytes pulled so far.")
+    attempts: int | None = Field(default=None, ge=0, description="Attempts started.")
+    reason: str | None = Field(default=None, description="CamelCase reason of the last failure.", max_length=128)
+    message: str | None = Field(default=None, description="Detail of the last failure.", max_length=1024)
+    seconds: float | None = Field(default=None, ge=0, description="Duration of the successful pull.")
+
+
+class RefitJobStatus(ApiModel):
+    conditions: list[Condition] | None = conditions_field()
+    observed_generation: int | None = observed_generation_field()
+    phase: JobPhase | None = Field(default=None, description="Pending, Running, Succeeded or Failed.")
+    version: str | None = Field(default=None, description="The resolved version being moved.")
+    fingerprint: str | None = Field(default=None, description="Layout fingerprint of the source.")
+    start_time: datetime | None = Field(default=None, description="When the job started.")
+    completion_time: datetime | None = Field(default=None, description="When the job finished.")
+    bytes_total: int | None = Field(default=None, ge=0, description="Bytes to move, all targets.")
+    bytes_done: int | None = Field(default=None, ge=0, description="Bytes moved, all targets.")
+    throughput: str | None = Field(default=None, description="Aggregate throughput, e.g. 12.3GB/s.")
+    targets_summary: str | None = Field(default=None, description="done/total targets, for kubectl.")
+    targets: list[TargetStatus] | None = Field(
+        default=None,
+        description="Compact per-target entries, keyed by pod.",
+        max_length=10000,
+        json_schema_extra=k8s(list_type="map", map_keys=["pod"]),
+    )
+
+
+class RefitJob(ApiModel):
+    """Move one version of a WeightSource into a set of target pods (cold-start load or RL refit)."""
+
+    KIND: ClassVar[str] = "RefitJob"
+    PLURAL: ClassVar[str] = "refitjobs"
+    SHORT_NAMES: ClassVar[list[str]] = ["rj"]
+    PRINTER_COLUMNS: ClassVar[list[dict[str, str]]] = [
+        {"name": "Source", "type": "string", "jsonPath": ".spec.sourceRef.name"},
+        {"name": "Version", "type": "string", "jsonPath": ".status.version"},
+        {"name": "Targets", "type": "string", "jsonPath": ".status.targetsSummary"},
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Throughput", "type": "string", "jsonPath": ".status.throughput"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]
+
+    spec: RefitJobSpec
+    status: RefitJobStatus | None = None

@@ -1,0 +1,186 @@
+"""WeightSource (`ws`): pods that hold one model's weights and serve them to peers."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from .meta import (
+    ApiModel,
+    Condition,
+    LabelSelector,
+    conditions_field,
+    k8s,
+    observed_generation_field,
+)
+
+Dtype = Literal["bfloat16", "float16", "float32", "float8_e4m3fn", "float8_e5m2", "int8", "uint8"]
+MemoryMode = Literal["cuda", "host"]
+RailsMode = Literal["auto", "stripe", "off", "explicit"]
+ReplicaState = Literal["Loading", "Ready", "Stale", "Mismatched"]
+
+
+class ModelRef(ApiModel):
+    name: str = Field(
+        description="Model name, e.g. meta-llama/Llama-3.1-8B. Immutable: a new model is a new WeightSource.",
+        min_length=1,
+        max_length=253,
+        json_schema_extra=k8s(
+            immutable="spec.model.name is immutable; create a new WeightSource for another model"
+        ),
+    )
+    revision: str | None = Field(
+        default=None,
+        description="Revision or checkpoint the replicas were loaded from (informational).",
+        max_length=128,
+    )
+
+
+class Layout(ApiModel):
+    dtype: Dtype = Field(default="bfloat16", description="Element type the weights are held in.")
+    tensor_parallel_size: int = Field(
+        default=1, ge=1, le=64, description="Number of tensor-parallel ranks the weights are split over."
+    )
+    rank_label: str = Field(
+        default="ferry.dev/tp-rank",
+        min_length=1,
+        max_length=317,
+        description="Pod label holding each replica's tensor-parallel rank (0-based).",
+    )
+    quantization: Literal["none", "fp8-block"] = Field(
+        default="none", description="Quantization of the weights as served."
+    )
+
+
+class Rails(ApiModel):
+    """How the agent pins UCX to RDMA NICs (UCX_NET_DEVICES) before creating its NIXL agent."""
+
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": k8s(
+            validations=[
+                {
+                    "rule": "self.mode != 'explicit' || has(self.devices) && size(self.devices) > 0",
+                    "message": "rails.devices is required when rails.mode is explicit: map each GPU index to its NICs",
+                    "fieldPath": ".devices",
+                    "reason": "FieldValueRequired",
+                },
+                {
+                    "rule": "self.mode == 'explicit' || !has(self.devices)",
+                    "message": "rails.devices is only allowed with rails.mode explicit; remove it or set mode: explicit",
+                    "fieldPath": ".devices",
+                    "reason": "FieldValueForbidden",
+                },
+            ]
+        )
+    }
+
+    mode: RailsMode = Field(
+        default="auto",
+        description="auto: closest ACTIVE NIC per GPU; stripe: several NICs per GPU; off: leave UCX alone; explicit: use devices.",
+    )
+    devices: dict[str, list[str]] | None = Field(
+        default=None,
+        description="Explicit map from GPU index (as a string) to UCX device names such as mlx5_0:1.",
+        max_length=64,
+    )
+
+
+class Heartbeat(ApiModel):
+    model_config = ApiModel.model_config | {
+        "json_schema_extra": k8s(
+            validations=[
+                {
+                    "rule": "self.renewIntervalSeconds < self.leaseDurationSeconds",
+                    "message": "heartbeat.renewIntervalSeconds must be below leaseDurationSeconds, or the lease expires between renewals",
+                    "fieldPath": ".renewIntervalSeconds",
+                }
+            ]
+        )
+    }
+
+    lease_duration_seconds: int = Field(
+        default=15, ge=3, le=300, description="A replica whose Lease is older than this is Stale."
+    )
+    renew_interval_seconds: int = Field(
+        default=5, ge=1, le=100, description="How often each agent renews its Lease."
+    )
+
+
+class WeightSourceSpec(ApiModel):
+    model: ModelRef = Field(description="The model these weights belong to.")
+    selector: LabelSelector = Field(description="Pods (with the Ferry agent) that hold the weights.")
+    layout: Layout = Field(
+        default_factory=Layout,
+        description="How the weights are laid out across replicas.",
+        json_schema_extra=k8s(default={}),
+    )
+    memory: MemoryMode = Field(default="cuda", description="Where the agents hold the weights.")
+    rails: Rails = Field(
+        default_factory=Rails,
+        description="UCX NIC pinning.",
+        json_schema_extra=k8s(default={}),
+    )
+    heartbeat: Heartbeat = Field(
+        default_factory=Heartbeat,
+        description="Agent liveness (coordination.k8s.io Lease).",
+        json_schema_extra=k8s(default={}),
+    )
+
+
+class ReplicaStatus(ApiModel):
+    """One replica's entry, written only by that replica's agent (server-side apply)."""
+
+    pod: str = Field(description="Pod name.", min_length=1, max_length=253)
+    node: str | None = Field(default=None, description="Node the pod runs on.", max_length=253)
+    endpoint: str | None = Field(
+        default=None, description="host:port of the agent's gRPC service.", max_length=300
+    )
+    rank: int | None = Field(default=None, ge=0, description="Tensor-parallel rank.")
+    version: str | None = Field(default=None, description="Version the replica serves.", max_length=128)
+    fingerprint: str | None = Field(
+        default=None, description="Hash of tensor names, dtypes and shapes.", max_length=80
+    )
+    tensors: int | None = Field(default=None, ge=0, description="Number of tensors.")
+    bytes: int | None = Field(default=None, ge=0, description="Bytes of weights held.")
+    state: ReplicaState | None = Field(
+        default=None,
+        description="Loading, Ready, Stale (Lease expired or agent shut down) or Mismatched (fingerprint differs from the others).",
+    )
+
+
+class WeightSourceStatus(ApiModel):
+    conditions: list[Condition] | None = conditions_field()
+    observed_generation: int | None = observed_generation_field()
+    version: str | None = Field(default=None, description="Version served by the ready replicas.")
+    fingerprint: str | None = Field(default=None, description="Layout fingerprint of the ready replicas.")
+    tensors: int | None = Field(default=None, ge=0, description="Number of tensors per replica.")
+    bytes: int | None = Field(default=None, ge=0, description="Bytes of weights per replica.")
+    size: str | None = Field(default=None, description="bytes in human units, for kubectl.")
+    replicas: int | None = Field(default=None, ge=0, description="Pods selected.")
+    ready_replicas: int | None = Field(default=None, ge=0, description="Replicas Ready to serve.")
+    ready_summary: str | None = Field(default=None, description="readyReplicas/replicas, for kubectl.")
+    members: list[ReplicaStatus] | None = Field(
+        default=None,
+        description="Compact per-replica entries, keyed by pod; each agent writes only its own.",
+        max_length=4096,
+        json_schema_extra=k8s(list_type="map", map_keys=["pod"]),
+    )
+
+
+class WeightSource(ApiModel):
+    """A set of pods holding one model's weights in GPU or host memory, serving them to peers."""
+
+    KIND: ClassVar[str] = "WeightSource"
+    PLURAL: ClassVar[str] = "weightsources"
+    SHORT_NAMES: ClassVar[list[str]] = ["ws"]
+    PRINTER_COLUMNS: ClassVar[list[dict[str, str]]] = [
+        {"name": "Model", "type": "string", "jsonPath": ".spec.model.name"},
+        {"name": "Version", "type": "string", "jsonPath": ".status.version"},
+        {"name": "Ready", "type": "string", "jsonPath": ".status.readySummary"},
+        {"name": "Size", "type": "string", "jsonPath": ".status.size"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]
+
+    spec: WeightSourceSpec
+    status: WeightSourceStatus | None = None

@@ -1,0 +1,1 @@
+"""Local development cluster: control plane, operator and agents as local processes."""

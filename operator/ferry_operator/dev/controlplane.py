@@ -1,0 +1,225 @@
+"""A real etcd + kube-apiserver on loopback, for tests, `ferry dev up` and `make demo`.
+
+Binaries come from `hack/envtest.sh` (KUBEBUILDER_ASSETS, the cache, or a Go
+build). RBAC is on; the admin credential is a client certificate in
+system:masters, written into a kubeconfig.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .. import pki
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+CRD_DIR = REPO_ROOT / "crds"
+
+
+class ControlPlaneError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def envtest_dir() -> Path:
+    """Directory with etcd and kube-apiserver: FERRY_ENVTEST_DIR, KUBEBUILDER_ASSETS, or hack/envtest.sh."""
+    for var in ("FERRY_ENVTEST_DIR", "KUBEBUILDER_ASSETS"):
+        value = os.environ.get(var)
+        if value and (Path(value) / "kube-apiserver").exists() and (Path(value) / "etcd").exists():
+            return Path(value)
+    out = subprocess.run(
+        [str(REPO_ROOT / "hack" / "envtest.sh")], check=True, capture_output=True, text=True
+    )
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@dataclass
+class ControlPlane:
+    """Owns one etcd and one kube-apiserver; `stop()` ends exactly what `start()` began."""
+
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ferry-cp-")))
+    bin_dir: Path | None = None
+    extra_apiserver_args: list[str] = field(default_factory=list)
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    port: int = 0
+    kubeconfig: Path = Path()
+    ca: pki.KeyPair | None = None
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120.0) -> ControlPlane:
+        bins = self.bin_dir or envtest_dir()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        logs = self.workdir / "logs"
+        logs.mkdir(exist_ok=True)
+        etcd_port, etcd_peer, self.port = free_port(), free_port(), free_port()
+        etcd_url = f"http://127.0.0.1:{etcd_port}"
+        self._spawn(
+            [
+                str(bins / "etcd"),
+                "--data-dir", str(self.workdir / "etcd"),
+                "--listen-client-urls", etcd_url,
+                "--advertise-client-urls", etcd_url,
+                "--listen-peer-urls", f"http://127.0.0.1:{etcd_peer}",
+                "--initial-advertise-peer-urls", f"http://127.0.0.1:{etcd_peer}",
+                "--initial-cluster", f"default=http://127.0.0.1:{etcd_peer}",
+                "--unsafe-no-fsync",  # test data; durability is not the point
+                "--log-level", "warn",
+            ],
+            logs / "etcd.log",
+        )
+        self._write_pki()
+        pki_dir = self.workdir / "pki"
+        self._spawn(
+            [
+                str(bins / "kube-apiserver"),
+                "--etcd-servers", etcd_url,
+                "--bind-address", "127.0.0.1",
+                "--advertise-address", "127.0.0.1",
+                "--secure-port", str(self.port),
+                "--tls-cert-file", str(pki_dir / "apiserver.crt"),
+                "--tls-private-key-file", str(pki_dir / "apiserver.key"),
+                "--client-ca-file", str(pki_dir / "ca.crt"),
+                "--authorization-mode", "RBAC",
+                "--service-cluster-ip-range", "10.96.0.0/16",
+                "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
+                "--service-account-key-file", str(pki_dir / "sa.key"),
+                "--service-account-signing-key-file", str(pki_dir / "sa.key"),
+                "--allow-privileged=true",
+                "--cert-dir", str(pki_dir),
+                "--v", "1",
+                *self.extra_apiserver_args,
+            ],
+            logs / "kube-apiserver.log",
+        )
+        self._write_kubeconfig()
+        self._wait_ready(timeout)
+        return self
+
+    def _spawn(self, argv: list[str], log: Path) -> None:
+        out = open(log, "ab")  # noqa: SIM115 - lives as long as the process
+        # A new session so that stop() can signal the whole group it started.
+        self.procs.append(
+            subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        )
+
+    def _write_pki(self) -> None:
+        d = self.workdir / "pki"
+        d.mkdir(exist_ok=True)
+        self.ca = pki.make_ca("ferry-test-ca")
+        server = pki.issue(self.ca, "kube-apiserver", ["127.0.0.1", "localhost", "10.96.0.1",
+                                                      "kubernetes.default.svc"])
+        (d / "ca.crt").write_bytes(self.ca.cert_pem)
+        (d / "apiserver.crt").write_bytes(server.cert_pem)
+        (d / "apiserver.key").write_bytes(server.key_pem)
+        (d / "sa.key").write_bytes(pki.rsa_key_pem())
+
+    def user_kubeconfig(self, user: str, groups: list[str], path: Path) -> Path:
+        """A kubeconfig authenticating as `user` in `groups` by client certificate."""
+        assert self.ca is not None
+        cert = pki.issue(self.ca, user, [], client=True, organization=",".join(groups) or None)
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "ferry", "cluster": {
+                "server": self.server,
+                "certificate-authority-data": _b64(self.ca.cert_pem)}}],
+            "users": [{"name": user, "user": {
+                "client-certificate-data": _b64(cert.cert_pem),
+                "client-key-data": _b64(cert.key_pem)}}],
+            "contexts": [{"name": "ferry", "context": {"cluster": "ferry", "user": user}}],
+            "current-context": "ferry",
+        }
+        path.write_text(yaml.safe_dump(config))
+        path.chmod(0o600)
+        return path
+
+    def _write_kubeconfig(self) -> None:
+        self.kubeconfig = self.user_kubeconfig("ferry-admin", ["system:masters"],
+                                               self.workdir / "kubeconfig")
+
+    def ssl_context(self) -> ssl.SSLContext:
+        assert self.ca is not None
+        ctx = ssl.create_default_context(cadata=self.ca.cert_pem.decode())
+        d = self.workdir / "pki"
+        admin = pki.issue(self.ca, "ferry-probe", [], client=True, organization="system:masters")
+        (d / "probe.crt").write_bytes(admin.cert_pem)
+        (d / "probe.key").write_bytes(admin.key_pem)
+        ctx.load_cert_chain(d / "probe.crt", d / "probe.key")
+        return ctx
+
+    def _wait_ready(self, timeout: float) -> None:
+        ctx = self.ssl_context()
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            for proc in self.procs:
+                if proc.poll() is not None:
+                    self.stop()
+                    raise ControlPlaneError(
+                        f"{proc.args[0]} exited with {proc.returncode}; logs in {self.workdir / 'logs'}"
+                    )
+            try:
+                with urllib.request.urlopen(f"{self.server}/readyz", context=ctx, timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except Exception as exc:  # not up yet
+                last = str(exc)
+            time.sleep(0.5)
+        self.stop()
+        raise ControlPlaneError(f"kube-apiserver not ready after {timeout}s: {last}")
+
+    def install_crds(self, timeout: float = 60.0) -> None:
+        """`kubectl apply --server-side -f crds/` and wait until every CRD is Established."""
+        kubectl = shutil.which("kubectl")
+        if kubectl is None:
+            raise ControlPlaneError("kubectl not found on PATH")
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
+        for argv in (["apply", "--server-side", "-f", str(CRD_DIR)],
+                     ["wait", "--for=condition=Established", f"--timeout={int(timeout)}s",
+                      "crd", "--all"]):
+            done = subprocess.run([kubectl, *argv], env=env, capture_output=True, text=True,
+                                  timeout=timeout + 5)
+            if done.returncode != 0:
+                raise ControlPlaneError(f"kubectl {' '.join(argv)} failed: {done.stderr.strip()}")
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.procs.clear()
+
+    def __enter__(self) -> ControlPlane:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

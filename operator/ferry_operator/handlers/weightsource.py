@@ -1,0 +1,75 @@
+"""WeightSource: aggregate the replicas' own entries into Ready / Degraded."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import datetime
+from typing import Any
+
+from ferry_api.weightsource import WeightSource, WeightSourceSpec
+
+from ..conditions import Cond, human_bytes, set_conditions
+
+KIND, PLURAL = WeightSource.KIND, WeightSource.PLURAL
+
+
+def compute_status(
+    spec: WeightSourceSpec, status: dict[str, Any], generation: int, pods: list[str], now: datetime
+) -> dict[str, Any]:
+    """Operator-owned status fields from the selected pods and the agents' entries.
+
+    `members` belongs to the agents (one SSA field manager each) and is only read here.
+    """
+    selected = set(pods)
+    members = [m for m in status.get("members") or [] if m.get("pod") in selected]
+    ready = [m for m in members if m.get("state") == "Ready"]
+    fingerprints = Counter(m.get("fingerprint") for m in ready if m.get("fingerprint"))
+    majority_fp = fingerprints.most_common(1)[0][0] if fingerprints else None
+    consistent = [m for m in ready if m.get("fingerprint") == majority_fp]
+    versions = Counter(m.get("version") for m in consistent if m.get("version"))
+    stale = [m["pod"] for m in members if m.get("state") == "Stale"]
+    mismatched = sorted(
+        {m["pod"] for m in members if m.get("state") == "Mismatched"}
+        | {m["pod"] for m in ready if m.get("fingerprint") != majority_fp}
+    )
+
+    if not pods:
+        ready_c = Cond("Ready", False, "NoReplicas",
+                       f"no pods match selector {spec.selector.to_label_selector()}")
+    elif not consistent:
+        ready_c = Cond("Ready", False, "NoReadyReplicas",
+                       f"{len(pods)} pod(s) selected, none has reported Ready weights")
+    else:
+        ready_c = Cond("Ready", True, "ReplicasReady",
+                       f"{len(consistent)}/{len(pods)} replicas serve version {versions.most_common(1)[0][0] if versions else '?'}")
+    if mismatched:
+        degraded = Cond("Degraded", True, "FingerprintMismatch",
+                        f"replicas with a different layout are not served: {', '.join(mismatched[:5])}")
+    elif stale:
+        degraded = Cond("Degraded", True, "ReplicasStale",
+                        f"replicas whose lease expired or that shut down: {', '.join(sorted(stale)[:5])}")
+    elif pods and len(consistent) < len(pods):
+        degraded = Cond("Degraded", True, "ReplicasNotReady",
+                        f"{len(pods) - len(consistent)} of {len(pods)} replicas not Ready")
+    else:
+        degraded = Cond("Degraded", False, "AsExpected", "")
+
+    ref = consistent[0] if consistent else {}
+    out: dict[str, Any] = {
+        "observedGeneration": generation,
+        "conditions": set_conditions(status.get("conditions"), [ready_c, degraded], generation, now),
+        "replicas": len(pods),
+        "readyReplicas": len(consistent),
+        "readySummary": f"{len(consistent)}/{len(pods)}",
+    }
+    if versions:
+        out["version"] = versions.most_common(1)[0][0]
+    if majority_fp:
+        out["fingerprint"] = majority_fp
+    for key in ("tensors", "bytes"):
+        if ref.get(key) is not None:
+            out[key] = ref[key]
+    if ref.get("bytes") is not None:
+        out["size"] = human_bytes(ref["bytes"])
+    return out
+

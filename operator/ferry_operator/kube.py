@@ -1,0 +1,54 @@
+"""Thin adapters over the Kubernetes API used by the handlers."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from kubernetes import client, config
+
+from ferry_api import API_VERSION, GROUP, VERSION
+
+OPERATOR_MANAGER = "ferry-operator"
+APPLY = "application/apply-patch+yaml"
+
+
+@cache
+def api() -> client.ApiClient:
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+def custom() -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(api())
+
+
+def core() -> client.CoreV1Api:
+    return client.CoreV1Api(api())
+
+
+def apply_status(kind: str, plural: str, namespace: str, name: str, status: dict[str, Any],
+                 manager: str = OPERATOR_MANAGER) -> dict:
+    """Server-side apply of the fields this manager owns in .status."""
+    body = {"apiVersion": API_VERSION, "kind": kind,
+            "metadata": {"name": name, "namespace": namespace}, "status": status}
+    return custom().patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, plural, name, body,
+        field_manager=manager, force=True, _content_type=APPLY,
+    )
+
+
+def get_object(plural: str, namespace: str, name: str) -> dict | None:
+    try:
+        return custom().get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def list_pods(namespace: str, label_selector: str) -> list[Any]:
+    return core().list_namespaced_pod(namespace, label_selector=label_selector).items

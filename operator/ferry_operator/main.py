@@ -1,0 +1,72 @@
+"""Every kopf registration of the operator, on one screen. The work lives in reconcile.py."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+import kopf
+
+from ferry_api import GROUP, VERSION
+
+from . import health, reconcile
+
+RESYNC_SECONDS = float(os.environ.get("FERRY_RESYNC_SECONDS", "30"))
+HEALTH_PORT = int(os.environ.get("FERRY_HEALTH_PORT", "8080"))
+CANARY_SECONDS = float(os.environ.get("FERRY_CANARY_SECONDS", "10"))
+WATCH_SERVER_TIMEOUT = int(float(os.environ.get("FERRY_WATCH_SERVER_TIMEOUT", "60")))
+
+HEALTH = health.WatchHealth(interval=CANARY_SECONDS)
+_STOP = asyncio.Event()
+_TASKS: list[Any] = []
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Explicit watch timeouts: the server ends each watch, and the client gives up
+    # shortly after, so a half-open connection cannot hang a watch forever.
+    settings.watching.server_timeout = WATCH_SERVER_TIMEOUT
+    settings.watching.client_timeout = WATCH_SERVER_TIMEOUT + 10
+    settings.watching.connect_timeout = 10
+    settings.watching.reconnect_backoff = 1.0
+    # Keep kopf's bookkeeping in ferry.dev annotations, never in .status (the
+    # schema prunes unknown status fields).
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration")
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.posting.level = logging.INFO
+    settings.execution.max_workers = 16
+    _TASKS.append(await health.serve(HEALTH, HEALTH_PORT))
+    _TASKS.append(asyncio.create_task(health.keep_canary(HEALTH, _STOP), name="ferry canary"))
+    HEALTH.ready = True
+
+
+@kopf.on.cleanup()
+async def shutdown(**_: Any) -> None:
+    _STOP.set()
+    await asyncio.to_thread(health.delete_canary)
+    for item in _TASKS:
+        if hasattr(item, "cleanup"):
+            await item.cleanup()
+
+
+@kopf.on.event("coordination.k8s.io", "v1", "leases",
+               labels={health.CANARY_LABEL: health.CANARY_VALUE})
+def canary_seen(name: str, **_: Any) -> None:
+    if name == health.canary_name():
+        HEALTH.seen()
+
+
+for _plural, _fn in (
+    ("weightsources", reconcile.weightsource_),
+    ("refitjobs", reconcile.refitjob_),
+    ("artifactcaches", reconcile.artifactcache_),
+):
+    kopf.on.create(GROUP, VERSION, _plural, id="reconcile")(_fn)
+    kopf.on.update(GROUP, VERSION, _plural, id="reconcile")(_fn)
+    kopf.on.resume(GROUP, VERSION, _plural, id="reconcile")(_fn)
+    kopf.timer(GROUP, VERSION, _plural, id="resync", interval=RESYNC_SECONDS,
+               initial_delay=RESYNC_SECONDS)(_fn)

@@ -1,0 +1,97 @@
+"""Level-triggered reconcile adapters: read the world, compute status, apply it.
+
+Every handler for a kind (create, update, resume, timer) calls the same
+function here, so an edge only wakes the reconcile up; the outcome depends only
+on what is read now.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from ferry_api.artifactcache import ArtifactCacheSpec
+from ferry_api.meta import now
+from ferry_api.refitjob import RefitJobSpec
+from ferry_api.weightsource import WeightSource, WeightSourceSpec
+
+from . import kube, metrics
+from .conditions import Cond, set_conditions, transitions
+from .handlers import artifactcache, refitjob, weightsource
+
+
+def _pod_names(namespace: str, selector: str) -> list[str]:
+    return sorted(p.metadata.name for p in kube.list_pods(namespace, selector)
+                  if p.metadata.deletion_timestamp is None)
+
+
+def _invalid(status: dict, generation: int, error: ValidationError, types: list[str]) -> dict:
+    first = error.errors()[0]
+    where = "spec." + ".".join(str(p) for p in first["loc"])
+    msg = f"{where}: {first['msg']}"
+    wanted = [Cond(t, False, "InvalidSpec", msg) for t in types]
+    return {"observedGeneration": generation,
+            "conditions": set_conditions(status.get("conditions"), wanted, generation, now())}
+
+
+def _run(kind: str, plural: str, body: kopf.Body, logger: logging.Logger,
+         compute: Callable[[Any, dict, int], dict], spec_model: type, cond_types: list[str]) -> None:
+    meta, status = body["metadata"], dict(body.get("status") or {})
+    generation = meta.get("generation", 0)
+    with metrics.reconcile_timer(kind) as outcome:
+        try:
+            spec = spec_model.model_validate(dict(body["spec"]))
+            new = compute(spec, status, generation)
+        except ValidationError as exc:
+            # The CRD schema rejects most bad input; this catches what slipped past it.
+            outcome["result"] = "invalid"
+            new = _invalid(status, generation, exc, cond_types)
+        kube.apply_status(kind, plural, meta["namespace"], meta["name"], new)
+    for cond in transitions(status.get("conditions"), new["conditions"]):
+        metrics.CONDITION_TRANSITIONS.labels(kind, cond["type"], cond["status"]).inc()
+        if cond["reason"] == "AsExpected" and not status.get("conditions"):
+            continue  # a quiet start is not news
+        warn = (cond["type"] in ("Degraded", "Failed") and cond["status"] == "True") or \
+            cond["reason"] in ("InvalidSpec", "SourceNotFound")
+        kopf.event(body, type="Warning" if warn else "Normal", reason=cond["reason"],
+                   message=f"{cond['type']}={cond['status']}: {cond['message'] or cond['reason']}"[:1024])
+    logger.debug("reconciled %s %s/%s", kind, meta["namespace"], meta["name"])
+
+
+def weightsource_(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+    ns = body["metadata"]["namespace"]
+
+    def compute(spec: WeightSourceSpec, status: dict, generation: int) -> dict:
+        pods = _pod_names(ns, spec.selector.to_label_selector())
+        return weightsource.compute_status(spec, status, generation, pods, now())
+
+    _run(WeightSource.KIND, WeightSource.PLURAL, body, logger, compute, WeightSourceSpec,
+         ["Ready", "Degraded"])
+
+
+def refitjob_(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+    ns = body["metadata"]["namespace"]
+
+    def compute(spec: RefitJobSpec, status: dict, generation: int) -> dict:
+        source = kube.get_object(WeightSource.PLURAL, ns, spec.source_ref.name)
+        targets = _pod_names(ns, spec.targets.to_label_selector())
+        return refitjob.compute_status(spec, status, generation, source, targets, now())
+
+    _run(refitjob.KIND, refitjob.PLURAL, body, logger, compute, RefitJobSpec,
+         ["Progressing", "Complete", "Failed"])
+
+
+def artifactcache_(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+    ns = body["metadata"]["namespace"]
+
+    def compute(spec: ArtifactCacheSpec, status: dict, generation: int) -> dict:
+        sources = _pod_names(ns, spec.sources.to_label_selector())
+        targets = _pod_names(ns, spec.targets.to_label_selector())
+        return artifactcache.compute_status(spec, status, generation, sources, targets, now())
+
+    _run(artifactcache.KIND, artifactcache.PLURAL, body, logger, compute, ArtifactCacheSpec,
+         ["Ready", "Degraded"])
