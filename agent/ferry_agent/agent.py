@@ -1,0 +1,414 @@
+"""The Agent: owns slabs, serves its manifest, and pulls from peers.
+
+Programmatic use (what `ferry agent run`, the bench and the operator's dev
+harness do):
+
+    agent = Agent(AgentConfig(pod="w-0", token="...")).start()
+    agent.declare(specs)                  # or let an engine declare via ferry_agent.client
+    agent.publish("step-100")             # source side
+    result = agent.pull(["10.0.0.5:7470"], version="latest", timeout_s=60)  # target side
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import rails as rails_mod
+from .control import ControlServer, EngineLink
+from .errors import FerryError, NotDeclared, PeerUnavailable, SourceStale, VersionChanged
+from .layout import Layout, TensorSpec, plan_layout
+from .manifest import Manifest, descriptor_arrays
+from .metrics import AgentMetrics, MetricsServer
+from .nixl_engine import NixlEngine
+from .peer import AgentClient
+from .planner import Plan, build_plan
+from .slabs import create_slabs
+
+log = logging.getLogger(__name__)
+
+# 64 MiB chunks: 16 descriptors for 1 GiB, enough to keep several READs in flight.
+DEFAULT_CHUNK = 64 << 20
+# Descriptor groups per peer: one READ handle each. NIXL-NOTES: ~10k descriptors
+# posted at once have wedged UCX send queues, so large plans are grouped.
+MAX_HANDLES_PER_PEER = 256
+
+
+@dataclass
+class AgentConfig:
+    pod: str = "local"
+    namespace: str = "default"
+    pod_ip: str = "127.0.0.1"
+    grpc_host: str = "0.0.0.0"
+    grpc_port: int = 0  # 0: pick a free port
+    metrics_port: int | None = None
+    control_socket: str | None = None
+    memory: str = "host"  # host | cuda
+    device: int = 0
+    slab_bytes: int = 1 << 30
+    chunk_bytes: int = DEFAULT_CHUNK
+    max_inflight: int = 32
+    token: str | None = None
+    token_file: str | None = None
+    rails: str = "auto"  # auto | stripe | off | explicit map "0=mlx5_0:1,1=mlx5_1:1"
+    sysfs_root: str = "/sys"
+    nixl_threads: int = 0
+    shm_prefix: str = "ferry"
+
+
+@dataclass
+class PullResult:
+    version: str
+    bytes: int
+    seconds: float
+    descriptors: int
+    attempts: int
+    sources: list[str]
+    register_s: float = 0.0
+    stats: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+@dataclass
+class _Source:
+    endpoint: str
+    client: AgentClient
+    manifest: Manifest
+    version: str
+    epoch: int
+
+
+class Agent:
+    def __init__(self, config: AgentConfig):
+        self.config = config
+        self.metrics = AgentMetrics()
+        if config.token is None and config.token_file is None:
+            raise ValueError("an agent needs a token or token_file: peers must authenticate")
+        self._token_file = None
+        if config.token_file:
+            from .auth import TokenFile
+
+            self._token_file = TokenFile(config.token_file)
+        # UCX reads UCX_NET_DEVICES when NIXL creates its UCX context: pin rails first.
+        self.rails = rails_mod.apply(
+            os.environ,
+            config.rails,
+            gpu=config.device if config.memory == "cuda" else None,
+            sysfs_root=config.sysfs_root,
+        )
+        self.name = f"{config.namespace}.{config.pod}.{secrets.token_hex(4)}"
+        self.engine = NixlEngine(self.name, num_threads=config.nixl_threads)
+        self.link = EngineLink()
+        self._lock = threading.RLock()
+        self._pull_lock = threading.Lock()
+        self._layout: Layout | None = None
+        self._slabs: list[Any] = []
+        self._reg: Any = None
+        self._generation = 0
+        self._version = ""
+        self._epoch = 0
+        self._pulling = False
+        self._peers: dict[str, _Source] = {}
+        self.register_s = 0.0
+        self.server: Any = None
+        self.control: ControlServer | None = None
+        self.metrics_server: MetricsServer | None = None
+        self._extra_servicers: list[tuple[Any, Any]] = []
+
+    # -- lifecycle ----------------------------------------------------------------
+    def token(self) -> str:
+        return self._token_file.get() if self._token_file else str(self.config.token)
+
+    def add_servicer(self, add_fn: Any, servicer: Any) -> None:
+        """Serve another gRPC service (same port, same token check); call before start()."""
+        self._extra_servicers.append((add_fn, servicer))
+
+    def start(self) -> Agent:
+        from .server import AgentServer
+
+        self.server = AgentServer(self, self.config.grpc_host, self.config.grpc_port, self.token)
+        for add_fn, servicer in self._extra_servicers:
+            self.server.add_servicer(add_fn, servicer)
+        self.server.start()
+        if self.config.control_socket:
+            from .engine_api import handle_control
+
+            self.control = ControlServer(
+                self.config.control_socket, lambda op, msg: handle_control(self, op, msg), self.link
+            ).start()
+        if self.config.metrics_port is not None:
+            self.metrics_server = MetricsServer(
+                self.metrics, self.config.metrics_port, ready=lambda: self._layout is not None
+            ).start()
+        return self
+
+    @property
+    def endpoint(self) -> str:
+        port = self.server.port if self.server else self.config.grpc_port
+        return f"{self.config.pod_ip}:{port}"
+
+    def close(self) -> None:
+        if self.control:
+            self.control.stop()
+        if self.server:
+            self.server.stop()
+        if self.metrics_server:
+            self.metrics_server.stop()
+        for src in self._peers.values():
+            src.client.close()
+        self._peers.clear()
+        self.engine.close()
+        self._free_slabs()
+
+    def _free_slabs(self) -> None:
+        with self._lock:
+            if self._reg is not None:
+                self.engine.deregister(self._reg, len(self._slabs))
+                self._reg = None
+            for s in self._slabs:
+                s.close()
+            self._slabs = []
+
+    # -- layout and versions -------------------------------------------------------
+    def declare(self, specs: Sequence[TensorSpec]) -> bool:
+        """Allocate and register slabs for `specs`. Returns False when the same layout is
+        already in place (nothing re-allocated or re-registered)."""
+        layout = plan_layout(list(specs), self.config.slab_bytes)
+        with self._lock:
+            if self._layout is not None and self._layout.fingerprint == layout.fingerprint:
+                return False
+            self._free_slabs()
+            slabs = create_slabs(
+                layout.slab_sizes,
+                self.config.memory,
+                prefix=f"{self.config.shm_prefix}-{self.config.pod}",
+                device=self.config.device,
+            )
+            t0 = time.perf_counter()
+            mem = "VRAM" if self.config.memory == "cuda" else "DRAM"
+            self._reg = self.engine.register([(s.addr, s.nbytes, s.device_id) for s in slabs], mem)
+            self.register_s = time.perf_counter() - t0
+            self.metrics.registration_seconds.observe(self.register_s)
+            self._slabs, self._layout = slabs, layout
+            self._generation += 1
+            self._version, self._epoch = "", self._epoch + (2 - self._epoch % 2)
+            log.info(
+                "declared %d tensors, %d slabs, %.1f MiB, registered in %.1f ms",
+                len(specs),
+                len(slabs),
+                layout.nbytes / 2**20,
+                self.register_s * 1e3,
+            )
+            return True
+
+    @property
+    def layout(self) -> Layout:
+        if self._layout is None:
+            raise NotDeclared("no tensor layout declared on this agent")
+        return self._layout
+
+    @property
+    def slabs(self) -> list[Any]:
+        return list(self._slabs)
+
+    def views(self) -> dict[str, Any]:
+        from .views import tensor_views
+
+        return tensor_views(self._slabs, self.layout.placements)
+
+    def begin_write(self) -> int:
+        """Mark the slabs as being written (odd epoch): peers will not trust a pull."""
+        with self._lock:
+            if self._epoch % 2 == 0:
+                self._epoch += 1
+            return self._epoch
+
+    def publish(self, version: str) -> int:
+        """New weights are in place: serve them as `version` (even epoch)."""
+        if not version:
+            raise ValueError("version must not be empty")
+        self.layout  # noqa: B018 - raises NotDeclared
+        with self._lock:
+            self._epoch += 2 - self._epoch % 2
+            self._version = version
+            self.metrics.version_info.clear()
+            self.metrics.version_info.labels(version, self.layout.fingerprint).set(1)
+            return self._epoch
+
+    def version_info(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "version": self._version,
+                "epoch": self._epoch,
+                "agent": self.name,
+                "fingerprint": self._layout.fingerprint if self._layout else "",
+                "generation": self._generation,
+            }
+
+    @property
+    def state(self) -> str:
+        if self._layout is None:
+            return "Empty"
+        if self._pulling:
+            return "Pulling"
+        if self._epoch % 2:
+            return "Writing"
+        return "Ready" if self._version else "Declared"
+
+    def manifest(self, *, with_metadata: bool = True) -> Manifest:
+        with self._lock:
+            layout = self.layout
+            return Manifest(
+                agent=self.name,
+                pod=self.config.pod,
+                namespace=self.config.namespace,
+                version=self._version,
+                epoch=self._epoch,
+                fingerprint=layout.fingerprint,
+                generation=self._generation,
+                memory=self.config.memory,
+                tensors=layout.placements,
+                slabs=tuple(s.info for s in self._slabs),
+                nixl_metadata=self.engine.metadata() if with_metadata else b"",
+                alignment=layout.alignment,
+            )
+
+    # -- pulling -------------------------------------------------------------------
+    def pull(
+        self,
+        sources: Sequence[str],
+        *,
+        version: str | None = None,
+        timeout_s: float = 60.0,
+        chunk_bytes: int | None = None,
+        max_gbps: float | None = None,
+        retries: int = 2,
+        quiesce: bool = False,
+        quiesce_timeout_s: float = 30.0,
+    ) -> PullResult:
+        """Pull `version` (None/"latest": whatever the sources hold) into our slabs.
+
+        Raises LayoutMismatch before any byte moves, SourceStale / VersionChanged when
+        the sources do not hold (or stop holding) the version, PeerUnavailable,
+        TransferTimeout past `timeout_s`. Never returns on mixed versions."""
+        from .pull import run_pull
+
+        want = None if version in (None, "", "latest") else version
+        with self._pull_lock:
+            self._pulling = True
+            try:
+                return run_pull(
+                    self,
+                    list(sources),
+                    want,
+                    time.monotonic() + timeout_s,
+                    chunk_bytes or self.config.chunk_bytes,
+                    max_gbps,
+                    retries,
+                    quiesce,
+                    quiesce_timeout_s,
+                )
+            except FerryError as exc:
+                self.metrics.failures.labels(exc.reason).inc()
+                raise
+            finally:
+                self._pulling = False
+
+    # used by pull.py ------------------------------------------------------------------
+    def _peer(self, endpoint: str) -> AgentClient:
+        src = self._peers.get(endpoint)
+        return src.client if src else AgentClient(endpoint, self.token())
+
+    def _source(self, endpoint: str, client: AgentClient) -> _Source:
+        """Fresh version info; the cached manifest is reused while the peer's agent,
+        slab generation and fingerprint are unchanged."""
+        info = client.version()
+        key = f"{info.agent}#{info.generation}#{info.fingerprint}"
+        cached = self._peers.get(endpoint)
+        if cached is None or cached.manifest.cache_key != key:
+            man = client.manifest()
+            if man.cache_key != key:
+                raise VersionChanged(f"source {endpoint} re-declared its layout while we read it")
+            if cached is not None:
+                self.engine.drop(endpoint)
+        else:
+            man = cached.manifest
+        src = _Source(endpoint, client, man, info.version, int(info.epoch))
+        self._peers[endpoint] = src
+        return src
+
+    def _plan(self, srcs: list[_Source], chunk_bytes: int) -> Plan:
+        return build_plan(
+            [s.manifest.tensors for s in srcs],
+            self.layout.placements,
+            chunk_bytes=chunk_bytes,
+            source_names=[s.endpoint for s in srcs],
+        )
+
+    def _prepare(self, srcs: list[_Source], plan: Plan) -> list[Any]:
+        local_slabs = [s.info for s in self._slabs]
+        local_mem = "VRAM" if self.config.memory == "cuda" else "DRAM"
+        out = []
+        for k, src in enumerate(srcs):
+            segs = plan.for_source(k)
+            if not segs:
+                continue
+            local = descriptor_arrays(
+                [(g.dst_slab, g.dst_offset, g.nbytes) for g in segs], local_slabs
+            )
+            remote = descriptor_arrays(
+                [(g.src_slab, g.src_offset, g.nbytes) for g in segs], list(src.manifest.slabs)
+            )
+            n = len(segs)
+            per = -(-n // MAX_HANDLES_PER_PEER)
+            groups = [list(range(i, min(n, i + per))) for i in range(0, n, per)]
+            digest = hash((tuple(segs), self._generation))
+            key = (src.manifest.cache_key, self._generation, digest)
+            remote_mem = src.manifest.slabs[0].memory if src.manifest.slabs else "DRAM"
+            out.append(
+                self.engine.prepare(
+                    src.endpoint,
+                    key,
+                    lambda m=src.manifest: m.nixl_metadata,
+                    local,
+                    remote,
+                    local_mem=local_mem,
+                    remote_mem=remote_mem,
+                    groups=groups,
+                )
+            )
+        return out
+
+    def _mark_failed_pull(self) -> None:
+        """Our slabs hold a partial pull: serve no version until the next success."""
+        with self._lock:
+            self._version = ""
+            self._epoch += 2 - self._epoch % 2
+
+
+def check_sources(srcs: list[_Source], want: str | None) -> str:
+    versions = {s.version for s in srcs}
+    fps = {s.manifest.fingerprint for s in srcs}
+    if any(not s.version for s in srcs):
+        empty = [s.endpoint for s in srcs if not s.version]
+        raise SourceStale(f"sources {empty} have not published a version", sources=empty)
+    if len(fps) > 1:
+        raise SourceStale(f"sources disagree on the layout fingerprint: {sorted(fps)}")
+    if len(versions) > 1:
+        raise SourceStale(f"sources disagree on the version: {sorted(versions)}")
+    have = versions.pop()
+    if want is not None and have != want:
+        raise SourceStale(f"sources hold version {have!r}, not {want!r}", have=have, want=want)
+    return have
+
+
+__all__ = ["Agent", "AgentConfig", "PullResult", "PeerUnavailable"]

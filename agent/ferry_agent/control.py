@@ -1,0 +1,210 @@
+"""Unix-socket protocol between the agent and its local engine process.
+
+Framing: one JSON object per line. Request connections carry
+`{"op": ...}` -> `{"ok": true, ...}` | `{"ok": false, "reason", "message"}`.
+A connection that sends `{"op": "subscribe"}` becomes the engine's event
+channel for the refit handshake:
+
+    agent -> {"event": "pause", "id": N, "version": V}
+    engine -> {"op": "ack", "id": N}         (engine no longer reads its weights)
+    agent -> {"event": "resume", "id": N, "version": V, "ok": bool}
+
+Only JSON with typed fields crosses this socket; tensor memory is shared by
+name (shm) or CUDA IPC handle, never copied through it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import EngineNotQuiesced, FerryError
+
+log = logging.getLogger(__name__)
+MAX_LINE = 64 << 20
+
+
+def send(sock: socket.socket, obj: dict[str, Any]) -> None:
+    sock.sendall(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+
+
+def recv(reader: Any) -> dict[str, Any] | None:
+    line = reader.readline(MAX_LINE)
+    if not line:
+        return None
+    return json.loads(line)
+
+
+@dataclass
+class _Refit:
+    id: int
+    version: str
+    acked: set[int] = field(default_factory=set)
+    done: bool = False
+    ok: bool = False
+
+
+class EngineLink:
+    """Agent-side state of the pause/ack/resume handshake with subscribed engines."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._subscribers: set[int] = set()
+        self._refit: _Refit | None = None
+        self._next_id = 1
+
+    @property
+    def subscribers(self) -> int:
+        with self._cv:
+            return len(self._subscribers)
+
+    def pause(self, version: str, timeout: float) -> int | None:
+        """Ask every subscribed engine to stop reading; wait for all acks.
+
+        Returns the refit id (None when no engine is subscribed: nothing reads the slabs).
+        Raises EngineNotQuiesced when an engine does not acknowledge in time."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            if not self._subscribers:
+                return None
+            refit = _Refit(self._next_id, version)
+            self._next_id += 1
+            self._refit = refit
+            self._cv.notify_all()
+            while not self._subscribers <= refit.acked:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    missing = len(self._subscribers - refit.acked)
+                    refit.done, refit.ok = True, False
+                    self._cv.notify_all()
+                    raise EngineNotQuiesced(
+                        f"{missing} engine(s) did not acknowledge the pause within {timeout:g}s",
+                        missing=missing,
+                        timeout_s=timeout,
+                    )
+                self._cv.wait(left)
+            return refit.id
+
+    def resume(self, refit_id: int | None, version: str, ok: bool) -> None:
+        if refit_id is None:
+            return
+        with self._cv:
+            if self._refit is not None and self._refit.id == refit_id:
+                self._refit.version, self._refit.ok, self._refit.done = version, ok, True
+                self._cv.notify_all()
+
+    def _new_refit(self, seen: int) -> bool:
+        r = self._refit
+        return r is not None and r.id != seen and not r.done
+
+    def serve_subscriber(
+        self, conn_id: int, sock: socket.socket, reader: Any, stop: threading.Event
+    ) -> None:
+        """Run one engine's event channel until it disconnects or the agent stops."""
+        with self._cv:
+            self._subscribers.add(conn_id)
+            seen = self._refit.id if self._refit else 0
+        try:
+            send(sock, {"ok": True, "subscribed": True})
+            while not stop.is_set():
+                with self._cv:
+                    self._cv.wait_for(lambda s=seen: self._new_refit(s) or stop.is_set(), 0.5)
+                    refit = self._refit
+                    if refit is None or refit.id == seen or refit.done:
+                        continue
+                seen = refit.id
+                send(sock, {"event": "pause", "id": refit.id, "version": refit.version})
+                msg = recv(reader)
+                if msg is None:
+                    return
+                if msg.get("op") == "ack" and msg.get("id") == refit.id:
+                    with self._cv:
+                        refit.acked.add(conn_id)
+                        self._cv.notify_all()
+                        self._cv.wait_for(lambda r=refit: r.done or stop.is_set())
+                send(
+                    sock,
+                    {"event": "resume", "id": refit.id, "version": refit.version, "ok": refit.ok},
+                )
+        except (OSError, ValueError) as exc:
+            log.info("engine event channel %d closed: %s", conn_id, exc)
+        finally:
+            with self._cv:
+                self._subscribers.discard(conn_id)
+                self._cv.notify_all()
+
+
+class ControlServer:
+    """Accepts engine connections on a Unix socket; `handle(op, msg)` answers requests."""
+
+    def __init__(
+        self, path: str, handle: Callable[[str, dict[str, Any]], dict[str, Any]], link: EngineLink
+    ):
+        self.path = path
+        self._handle = handle
+        self.link = link
+        self._stop = threading.Event()
+        if os.path.exists(path):
+            os.unlink(path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(path)
+        os.chmod(path, 0o600)
+        self._sock.listen(64)
+        self._sock.settimeout(0.5)
+        self._thread = threading.Thread(target=self._accept_loop, name="control", daemon=True)
+        self._ids = 0
+
+    def start(self) -> ControlServer:
+        self._thread.start()
+        return self
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self._ids += 1
+            threading.Thread(target=self._serve, args=(conn, self._ids), daemon=True).start()
+
+    def _serve(self, conn: socket.socket, conn_id: int) -> None:
+        reader = conn.makefile("rb")
+        try:
+            while not self._stop.is_set():
+                msg = recv(reader)
+                if msg is None:
+                    return
+                op = str(msg.get("op", ""))
+                if op == "subscribe":
+                    self.link.serve_subscriber(conn_id, conn, reader, self._stop)
+                    return
+                try:
+                    reply = {"ok": True, **self._handle(op, msg)}
+                except FerryError as exc:
+                    reply = {"ok": False, **exc.to_dict()}
+                except (ValueError, KeyError, TypeError) as exc:
+                    reply = {"ok": False, "reason": "BadRequest", "message": f"{op}: {exc}"}
+                send(conn, reply)
+        except (OSError, ValueError) as exc:
+            log.debug("control connection %d: %s", conn_id, exc)
+        finally:
+            reader.close()
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._sock.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,159 @@
+"""CUDA slabs: plain cudaMalloc memory, exported as CUDA IPC handles.
+
+We call the CUDA runtime through ctypes instead of PyTorch's caching allocator:
+a dedicated allocation per slab is plain `cudaMalloc` regardless of
+`PYTORCH_CUDA_ALLOC_CONF` (expandable segments register fine with NIXL but then
+transfer over TCP or fail on NICs; see NIXL-NOTES), it is never recycled for
+another tensor, and it lives exactly as long as its registration.
+Engines get torch views through `__cuda_array_interface__`, no copy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import sys
+from typing import Any
+
+IPC_HANDLE_BYTES = 64
+CUDA_IPC_LAZY_ENABLE_PEER_ACCESS = 1
+_cudart: ctypes.CDLL | None = None
+
+
+class CudaError(RuntimeError):
+    pass
+
+
+def _candidates() -> list[str]:
+    """libcudart already mapped in this process (torch's), then the pip wheels, then the system."""
+    out: list[str] = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.rsplit(" ", 1)[-1].strip()
+                if "libcudart.so" in os.path.basename(path) and path not in out:
+                    out.append(path)
+    except OSError:
+        pass
+    for base in sys.path:
+        out.extend(sorted(glob.glob(os.path.join(base, "nvidia", "*", "lib", "libcudart.so*"))))
+        out.extend(sorted(glob.glob(os.path.join(base, "nvidia", "cu*", "lib", "libcudart.so*"))))
+    out.extend(["libcudart.so", "libcudart.so.13", "libcudart.so.12"])
+    return out
+
+
+def cudart() -> ctypes.CDLL:
+    global _cudart
+    if _cudart is not None:
+        return _cudart
+    try:  # let torch load (and initialise) the runtime it was built with first
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.init()
+    except Exception:
+        pass
+    errors = []
+    for path in _candidates():
+        try:
+            lib = ctypes.CDLL(path)
+            lib.cudaMalloc  # noqa: B018 - probe the symbol
+        except (OSError, AttributeError) as exc:
+            errors.append(f"{path}: {exc}")
+            continue
+        _cudart = lib
+        return lib
+    raise CudaError("CUDA runtime (libcudart) not found: " + "; ".join(errors[-3:]))
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        lib = cudart()
+        lib.cudaGetErrorString.restype = ctypes.c_char_p
+        raise CudaError(f"{what} failed: {rc} {lib.cudaGetErrorString(rc).decode()}")
+
+
+class CudaArray:
+    """`__cuda_array_interface__` over raw device memory so torch can wrap it without a copy."""
+
+    def __init__(self, addr: int, nbytes: int, owner: Any):
+        self._owner = owner  # keeps the slab (and its mapping) alive while views exist
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "data": (addr, False),
+            "version": 3,
+            "strides": None,
+            "stream": None,
+        }
+
+
+class CudaSlab:
+    memory = "VRAM"
+
+    def __init__(self, index: int, addr: int, nbytes: int, device: int, handle: bytes, owner: bool):
+        self.index = index
+        self.addr = addr
+        self.nbytes = nbytes
+        self.device_id = device
+        self.ipc_handle = handle
+        self.owner = owner
+        self._open = True
+
+    @classmethod
+    def create(cls, index: int, nbytes: int, *, device: int = 0) -> CudaSlab:
+        lib = cudart()
+        _check(lib.cudaSetDevice(device), f"cudaSetDevice({device})")
+        ptr = ctypes.c_void_p()
+        _check(lib.cudaMalloc(ctypes.byref(ptr), ctypes.c_size_t(nbytes)), f"cudaMalloc({nbytes})")
+        _check(lib.cudaMemset(ptr, 0, ctypes.c_size_t(nbytes)), "cudaMemset")
+        handle = (ctypes.c_byte * IPC_HANDLE_BYTES)()
+        _check(lib.cudaIpcGetMemHandle(ctypes.byref(handle), ptr), "cudaIpcGetMemHandle")
+        return cls(index, int(ptr.value or 0), nbytes, device, bytes(handle), owner=True)
+
+    @classmethod
+    def attach(cls, index: int, handle_hex: str, nbytes: int, device: int) -> CudaSlab:
+        raw = bytes.fromhex(handle_hex)
+        if len(raw) != IPC_HANDLE_BYTES:
+            raise ValueError(f"CUDA IPC handle must be {IPC_HANDLE_BYTES} bytes, got {len(raw)}")
+        lib = cudart()
+        _check(lib.cudaSetDevice(device), f"cudaSetDevice({device})")
+        handle = (ctypes.c_byte * IPC_HANDLE_BYTES).from_buffer_copy(raw)
+        ptr = ctypes.c_void_p()
+        _check(
+            lib.cudaIpcOpenMemHandle(ctypes.byref(ptr), handle, CUDA_IPC_LAZY_ENABLE_PEER_ACCESS),
+            "cudaIpcOpenMemHandle",
+        )
+        return cls(index, int(ptr.value or 0), nbytes, device, raw, owner=False)
+
+    @property
+    def name(self) -> str:
+        return self.ipc_handle.hex()
+
+    @property
+    def info(self):
+        from .slabs import SlabInfo
+
+        return SlabInfo(self.index, self.addr, self.nbytes, self.memory, self.device_id, self.name)
+
+    def tensor(self):
+        """The whole slab as a torch uint8 CUDA tensor (a view, no copy)."""
+        import torch
+
+        return torch.as_tensor(
+            CudaArray(self.addr, self.nbytes, self), device=f"cuda:{self.device_id}"
+        )
+
+    def prefault(self) -> None:  # device memory is resident once allocated
+        return None
+
+    def close(self) -> None:
+        if not self._open:
+            return
+        self._open = False
+        lib = cudart()
+        if self.owner:
+            _check(lib.cudaFree(ctypes.c_void_p(self.addr)), "cudaFree")
+        else:
+            _check(lib.cudaIpcCloseMemHandle(ctypes.c_void_p(self.addr)), "cudaIpcCloseMemHandle")

@@ -1,0 +1,288 @@
+"""The only module that talks to NIXL: register, describe, read, wait.
+
+Everything above speaks in slabs, plans and descriptor arrays (numpy N x 3:
+address, length, device id). Prepared descriptor lists, transfer handles and
+remote agents are cached across refit cycles under a key the caller builds
+from the peer's identity and layout fingerprint; a new key for the same peer
+drops the old entry (and its remote agent), so nothing stale is ever reused.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from .errors import TransferFailed, TransferTimeout
+
+log = logging.getLogger(__name__)
+
+# How long a poll sleeps between checks; short because host copies finish in ms.
+POLL_INTERVAL_S = 0.0002
+
+
+def import_nixl() -> ModuleType:
+    """nixl_cu13, then nixl_cu12, then the `nixl` meta-package: whichever is installed."""
+    errors = []
+    for name in ("nixl_cu13._api", "nixl_cu12._api", "nixl._api"):
+        try:
+            return importlib.import_module(name)
+        except ImportError as exc:
+            errors.append(f"{name}: {exc}")
+    raise ImportError("no NIXL package found (" + "; ".join(errors) + ")")
+
+
+@dataclass
+class EngineStats:
+    registrations: int = 0
+    deregistrations: int = 0
+    remote_agents_added: int = 0
+    remote_agents_removed: int = 0
+    dlists_prepared: int = 0
+    dlists_reused: int = 0
+    xfer_handles_created: int = 0
+    transfers_posted: int = 0
+    bytes_read: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Prepared:
+    """Prepared local/remote descriptor lists for one peer plus reusable READ handles."""
+
+    key: tuple
+    peer: str
+    remote_name: str
+    local_dlist: Any
+    remote_dlist: Any
+    handles: list[Any]
+    handle_bytes: list[int]
+    descriptors: int
+
+
+@dataclass
+class ReadResult:
+    bytes: int
+    seconds: float
+    descriptors: int
+    handles: int
+    reused: bool = False
+    per_peer_bytes: dict[str, int] = field(default_factory=dict)
+
+
+class NixlEngine:
+    def __init__(self, name: str, *, num_threads: int = 0, backends: Sequence[str] = ("UCX",)):
+        self._nixl = import_nixl()
+        cfg = self._nixl.nixl_agent_config(
+            enable_prog_thread=True,
+            enable_listen_thread=False,
+            num_threads=num_threads,
+            backends=list(backends),
+        )
+        self.name = name
+        self._agent = self._nixl.nixl_agent(name, cfg)
+        self._lock = threading.RLock()
+        self._remotes: dict[str, tuple[str, str]] = {}  # peer -> (metadata key, remote name)
+        self._prepared: dict[str, Prepared] = {}  # peer -> entry
+        self._leaked: list[Any] = []
+        self.stats = EngineStats()
+
+    # -- memory -----------------------------------------------------------------
+    def register(self, regions: Sequence[tuple[int, int, int]], mem: str) -> Any:
+        """Register regions (addr, len, device) once; returns a token for deregister()."""
+        with self._lock:
+            reg = self._agent.register_memory([(a, n, d, "") for a, n, d in regions], mem)
+            self.stats.registrations += len(regions)
+            return reg
+
+    def deregister(self, reg: Any, count: int = 1) -> None:
+        with self._lock:
+            self._agent.deregister_memory(reg)
+            self.stats.deregistrations += count
+
+    def metadata(self) -> bytes:
+        with self._lock:
+            return bytes(self._agent.get_agent_metadata())
+
+    # -- peers and prepared lists -------------------------------------------------
+    def _remote(self, peer: str, md_key: str, metadata: Callable[[], bytes]) -> str:
+        cached = self._remotes.get(peer)
+        if cached and cached[0] == md_key:
+            return cached[1]
+        if cached:
+            self.drop(peer)
+        name = self._agent.add_remote_agent(metadata())
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        self._remotes[peer] = (md_key, name)
+        self.stats.remote_agents_added += 1
+        return name
+
+    def prepare(
+        self,
+        peer: str,
+        key: tuple,
+        metadata: Callable[[], bytes],
+        local: np.ndarray,
+        remote: np.ndarray,
+        *,
+        local_mem: str,
+        remote_mem: str,
+        groups: Sequence[Sequence[int]],
+    ) -> Prepared:
+        """Prepared lists + one READ handle per descriptor group, cached under (peer, key).
+
+        `key` must change whenever the peer's memory or our plan changes (the caller
+        uses peer NIXL name, slab generation, fingerprint and plan digest); key[0]
+        identifies the peer's metadata, so a new key[0] also re-adds the remote agent.
+        """
+        with self._lock:
+            entry = self._prepared.get(peer)
+            if entry is not None and entry.key == key:
+                self.stats.dlists_reused += 1
+                return entry
+            if entry is not None:
+                self._release_entry(entry)
+                del self._prepared[peer]
+            remote_name = self._remote(peer, str(key[0]), metadata)
+            ldl = self._agent.prep_xfer_dlist("", np.ascontiguousarray(local, np.uint64), local_mem)
+            rdl = self._agent.prep_xfer_dlist(
+                remote_name, np.ascontiguousarray(remote, np.uint64), remote_mem
+            )
+            self.stats.dlists_prepared += 1
+            handles, sizes = [], []
+            for g in groups:
+                idx = np.asarray(g, dtype=np.int32)
+                handles.append(self._agent.make_prepped_xfer("READ", ldl, idx, rdl, idx))
+                sizes.append(int(local[list(g), 1].sum()))
+                self.stats.xfer_handles_created += 1
+            entry = Prepared(key, peer, remote_name, ldl, rdl, handles, sizes, len(local))
+            self._prepared[peer] = entry
+            return entry
+
+    def _release_entry(self, entry: Prepared) -> None:
+        for h in entry.handles:
+            try:
+                self._agent.release_xfer_handle(h)
+            except Exception:  # in flight after an abort: retried at close()
+                self._leaked.append(h)
+        for dl in (entry.local_dlist, entry.remote_dlist):
+            try:
+                self._agent.release_dlist_handle(dl)
+            except Exception as exc:
+                log.debug("release_dlist_handle: %s", exc)
+        entry.handles = []
+
+    def drop(self, peer: str) -> None:
+        """Forget everything about a peer: handles, lists, remote agent."""
+        with self._lock:
+            entry = self._prepared.pop(peer, None)
+            if entry is not None:
+                self._release_entry(entry)
+            cached = self._remotes.pop(peer, None)
+            if cached is not None:
+                try:
+                    self._agent.remove_remote_agent(cached[1])
+                except Exception as exc:
+                    log.debug("remove_remote_agent(%s): %s", cached[1], exc)
+                self.stats.remote_agents_removed += 1
+
+    def peers(self) -> list[str]:
+        return list(self._prepared)
+
+    # -- transfers ------------------------------------------------------------------
+    def read(
+        self,
+        work: Sequence[Prepared],
+        *,
+        deadline: float,
+        check: Callable[[], None] | None = None,
+        check_interval_s: float = 0.05,
+        max_inflight: int = 64,
+        max_bytes_per_s: float | None = None,
+    ) -> ReadResult:
+        """Post every handle of every entry (at most `max_inflight` outstanding), poll until
+        all are DONE. `deadline` is a time.monotonic() value. `check` runs every
+        `check_interval_s` and may raise to abort (e.g. the source version changed).
+        On any error the affected peers are dropped so the next cycle starts clean."""
+        queue = [(e, i) for e in work for i in range(len(e.handles))]
+        # Interleave peers so striped sources are read concurrently.
+        queue.sort(key=lambda ei: ei[1])
+        inflight: list[tuple[Prepared, int]] = []
+        per_peer: dict[str, int] = {}
+        t0 = time.perf_counter()
+        posted = 0
+        next_check = time.monotonic() + check_interval_s
+        try:
+            while queue or inflight:
+                now = time.monotonic()
+                if now > deadline:
+                    raise TransferTimeout(
+                        f"pull not finished before its deadline ({posted} of {sum(e.descriptors for e in work)} "
+                        f"descriptor groups posted, {len(inflight)} in flight)",
+                        posted=posted,
+                    )
+                if check is not None and now >= next_check:
+                    check()
+                    next_check = now + check_interval_s
+                while queue and len(inflight) < max_inflight:
+                    if max_bytes_per_s:
+                        done_bytes = sum(per_peer.values())
+                        if done_bytes / max_bytes_per_s > time.perf_counter() - t0:
+                            break
+                    entry, i = queue.pop(0)
+                    with self._lock:
+                        state = self._agent.transfer(entry.handles[i])
+                    self.stats.transfers_posted += 1
+                    posted += 1
+                    per_peer[entry.peer] = per_peer.get(entry.peer, 0) + entry.handle_bytes[i]
+                    if state == "ERR":
+                        raise TransferFailed(
+                            f"NIXL refused to post a READ from {entry.peer}", peer=entry.peer
+                        )
+                    if state == "PROC":
+                        inflight.append((entry, i))
+                still = []
+                for entry, i in inflight:
+                    with self._lock:
+                        state = self._agent.check_xfer_state(entry.handles[i])
+                    if state == "ERR":
+                        raise TransferFailed(f"NIXL READ from {entry.peer} failed", peer=entry.peer)
+                    if state == "PROC":
+                        still.append((entry, i))
+                inflight = still
+                if inflight or (queue and max_bytes_per_s):
+                    time.sleep(POLL_INTERVAL_S if not max_bytes_per_s else 0.002)
+        except BaseException:
+            for entry in work:
+                self.drop(entry.peer)
+            raise
+        seconds = time.perf_counter() - t0
+        total = sum(per_peer.values())
+        self.stats.bytes_read += total
+        return ReadResult(
+            bytes=total,
+            seconds=seconds,
+            descriptors=sum(e.descriptors for e in work),
+            handles=posted,
+            per_peer_bytes=per_peer,
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            for peer in list(set(self._prepared) | set(self._remotes)):
+                self.drop(peer)
+            for h in self._leaked:
+                try:
+                    self._agent.release_xfer_handle(h)
+                except Exception as exc:
+                    log.debug("leaked handle: %s", exc)
+            self._leaked.clear()
