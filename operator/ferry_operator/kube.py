@@ -5,9 +5,8 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from kubernetes import client, config
-
 from ferry_api import API_VERSION, GROUP, VERSION
+from kubernetes import client, config
 
 OPERATOR_MANAGER = "ferry-operator"
 APPLY = "application/apply-patch+yaml"

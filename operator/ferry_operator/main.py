@@ -8,7 +8,6 @@ import os
 from typing import Any
 
 import kopf
-
 from ferry_api import GROUP, VERSION
 
 from . import health, reconcile

@@ -12,12 +12,11 @@ from collections.abc import Callable
 from typing import Any
 
 import kopf
-from pydantic import ValidationError
-
 from ferry_api.artifactcache import ArtifactCacheSpec
 from ferry_api.meta import now
 from ferry_api.refitjob import RefitJobSpec
 from ferry_api.weightsource import WeightSource, WeightSourceSpec
+from pydantic import ValidationError
 
 from . import kube, metrics
 from .conditions import Cond, set_conditions, transitions

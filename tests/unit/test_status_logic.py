@@ -1,0 +1,102 @@
+"""Pure status logic: conditions and per-kind aggregation, no cluster needed."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from ferry_api.artifactcache import ArtifactCacheSpec
+from ferry_api.refitjob import RefitJobSpec
+from ferry_api.weightsource import WeightSourceSpec
+from ferry_operator.conditions import Cond, human_bytes, set_conditions, transitions
+from ferry_operator.handlers import artifactcache, refitjob, weightsource
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+WS = WeightSourceSpec.model_validate({"model": {"name": "m"}, "selector": {"matchLabels": {"a": "b"}}})
+
+
+def cond(status: dict, t: str) -> dict:
+    return next(c for c in status["conditions"] if c["type"] == t)
+
+
+def test_transition_time_moves_only_when_status_flips() -> None:
+    first = set_conditions(None, [Cond("Ready", False, "NoReplicas", "x")], 1, T0)
+    same = set_conditions(first, [Cond("Ready", False, "NoReadyReplicas", "y")], 2, T0 + timedelta(minutes=1))
+    assert same[0]["lastTransitionTime"] == first[0]["lastTransitionTime"]
+    assert same[0]["observedGeneration"] == 2 and same[0]["reason"] == "NoReadyReplicas"
+    flipped = set_conditions(same, [Cond("Ready", True, "ReplicasReady")], 2, T0 + timedelta(minutes=2))
+    assert flipped[0]["lastTransitionTime"] == "2026-01-01T00:02:00Z"
+    assert [c["type"] for c in transitions(same, flipped)] == ["Ready"]
+    assert transitions(flipped, flipped) == []
+
+
+def test_conditions_of_other_writers_are_kept() -> None:
+    other = [{"type": "Custom", "status": "True", "reason": "X", "message": "", "lastTransitionTime": "t"}]
+    out = set_conditions(other, [Cond("Ready", None, "Unknown")], 1, T0)
+    assert [c["type"] for c in out] == ["Ready", "Custom"] and out[0]["status"] == "Unknown"
+
+
+def member(pod: str, state: str = "Ready", fp: str = "fp1", version: str = "3") -> dict:
+    return {"pod": pod, "state": state, "fingerprint": fp, "version": version, "bytes": 2048, "tensors": 2}
+
+
+def test_weightsource_no_pods() -> None:
+    st = weightsource.compute_status(WS, {}, 1, [], T0)
+    assert cond(st, "Ready")["reason"] == "NoReplicas" and "a=b" in cond(st, "Ready")["message"]
+    assert st["readySummary"] == "0/0" and cond(st, "Degraded")["status"] == "False"
+
+
+def test_weightsource_ready_majority_and_mismatch_flagged() -> None:
+    status = {"members": [member("p0"), member("p1"), member("p2", fp="other"), member("gone")]}
+    st = weightsource.compute_status(WS, status, 4, ["p0", "p1", "p2"], T0)
+    assert st["readyReplicas"] == 2 and st["replicas"] == 3 and st["readySummary"] == "2/3"
+    assert st["fingerprint"] == "fp1" and st["version"] == "3" and st["size"] == "2.0KiB"
+    degraded = cond(st, "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "FingerprintMismatch"
+    assert "p2" in degraded["message"]
+
+
+def test_weightsource_stale_replica_degrades() -> None:
+    status = {"members": [member("p0"), member("p1", state="Stale")]}
+    st = weightsource.compute_status(WS, status, 1, ["p0", "p1"], T0)
+    assert cond(st, "Ready")["status"] == "True"
+    assert cond(st, "Degraded")["reason"] == "ReplicasStale"
+
+
+RJ = RefitJobSpec.model_validate({"sourceRef": {"name": "src"}, "targets": {"matchLabels": {"x": "y"}}})
+
+
+def test_refitjob_latest_resolves_once() -> None:
+    source = {"status": {"version": "5", "conditions": [{"type": "Ready", "status": "True"}]}}
+    st = refitjob.compute_status(RJ, {}, 1, source, ["t0"], T0)
+    assert st["version"] == "5" and cond(st, "Progressing")["reason"] == "Pending"
+    source["status"]["version"] = "6"
+    again = refitjob.compute_status(RJ, st, 1, source, ["t0"], T0)
+    assert again["version"] == "5", "a job moves the version it resolved at creation"
+
+
+def test_refitjob_source_missing() -> None:
+    st = refitjob.compute_status(RJ, {}, 1, None, [], T0)
+    assert cond(st, "Progressing")["reason"] == "SourceNotFound" and "version" not in st
+    assert st["phase"] == "Pending" and cond(st, "Failed")["status"] == "False"
+
+
+def test_artifactcache_trust_modes() -> None:
+    base = {"kinds": ["triton"], "identity": {}, "sources": {"matchLabels": {"a": "b"}},
+            "targets": {"matchLabels": {"c": "d"}}}
+    st = artifactcache.compute_status(ArtifactCacheSpec.model_validate(base), {}, 1, [], [], T0)
+    assert st["trust"] == "Unverified" and "trust their peers" in cond(st, "Trusted")["message"]
+    signed = ArtifactCacheSpec.model_validate({**base, "trust": {"secretRef": "k"}})
+    st = artifactcache.compute_status(signed, {"manifestId": "sha256:" + "0" * 64}, 1, ["s"], ["t"], T0)
+    assert st["trust"] == "Signed" and cond(st, "Ready")["status"] == "True"
+
+
+def test_human_bytes() -> None:
+    assert human_bytes(512) == "512B" and human_bytes(3 << 30) == "3.0GiB" and human_bytes(None) is None
+
+
+def test_selector_rendering() -> None:
+    spec = WeightSourceSpec.model_validate({"model": {"name": "m"}, "selector": {
+        "matchLabels": {"b": "2", "a": "1"},
+        "matchExpressions": [{"key": "tier", "operator": "In", "values": ["x", "y"]},
+                             {"key": "gone", "operator": "DoesNotExist"}]}})
+    assert spec.selector.to_label_selector() == "a=1,b=2,tier in (x,y),!gone"
