@@ -26,7 +26,7 @@ from .errors import FerryError, NotDeclared, PeerUnavailable, SourceStale, Versi
 from .layout import Layout, TensorSpec, plan_layout
 from .manifest import Manifest, descriptor_arrays
 from .metrics import AgentMetrics, MetricsServer
-from .nixl_engine import NixlEngine
+from .nixl_engine import DEFAULT_POST_THREADS, NixlEngine
 from .peer import AgentClient
 from .planner import Plan, build_plan
 from .slabs import create_slabs
@@ -59,6 +59,7 @@ class AgentConfig:
     rails: str = "auto"  # auto | stripe | off | explicit map "0=mlx5_0:1,1=mlx5_1:1"
     sysfs_root: str = "/sys"
     nixl_threads: int = 0
+    post_threads: int = DEFAULT_POST_THREADS
     shm_prefix: str = "ferry"
 
 
@@ -71,6 +72,7 @@ class PullResult:
     attempts: int
     sources: list[str]
     register_s: float = 0.0
+    total_s: float = 0.0  # whole cycle: versions, plan, prepare, READs, fence
     stats: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -106,7 +108,9 @@ class Agent:
             sysfs_root=config.sysfs_root,
         )
         self.name = f"{config.namespace}.{config.pod}.{secrets.token_hex(4)}"
-        self.engine = NixlEngine(self.name, num_threads=config.nixl_threads)
+        self.engine = NixlEngine(
+            self.name, num_threads=config.nixl_threads, post_threads=config.post_threads
+        )
         self.link = EngineLink()
         self._lock = threading.RLock()
         self._pull_lock = threading.Lock()

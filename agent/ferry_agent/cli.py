@@ -79,7 +79,10 @@ def register(subparsers: Any) -> None:
         default=os.environ.get("FERRY_RAILS", "auto"),
         help="auto | stripe | off | map '0=mlx5_0:1;1=mlx5_1:1'",
     )
-    run.add_argument("--nixl-threads", type=int, default=0)
+    run.add_argument("--nixl-threads", type=int, default=0, help="UCX backend num_threads")
+    run.add_argument(
+        "--post-threads", type=int, default=4, help="threads posting READs concurrently"
+    )
     run.add_argument("--layout", help="JSON file [{name, dtype, shape}] to declare at start")
     run.add_argument(
         "--ready-file", help="write {endpoint, grpc_port, metrics_port, ...} here once serving"
@@ -131,6 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         token_file=args.token_file,
         rails=args.rails,
         nixl_threads=args.nixl_threads,
+        post_threads=args.post_threads,
     )
     agent = Agent(cfg)
     stop = threading.Event()

@@ -69,6 +69,7 @@ def run_pull(
 
     if not endpoints:
         raise ValueError("pull needs at least one source")
+    t_start = time.perf_counter()
     stats0 = agent.engine.stats.as_dict()
     register_s = 0.0
     refit_id = None
@@ -127,6 +128,7 @@ def run_pull(
                 attempts=attempts,
                 sources=list(endpoints),
                 register_s=register_s,
+                total_s=time.perf_counter() - t_start,
                 stats={k: stats1[k] - stats0[k] for k in stats1}
                 | {"total_" + k: v for k, v in stats1.items()},
             )

@@ -87,6 +87,7 @@ class AgentServicer(pb_grpc.FerryAgentServicer):
             dlists_reused=s.get("dlists_reused", 0),
             remote_agents_added=s.get("remote_agents_added", 0),
             register_s=r.register_s,
+            total_s=r.total_s,
             xfer_handles_created=s.get("xfer_handles_created", 0),
         )
 

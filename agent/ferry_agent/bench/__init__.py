@@ -1,0 +1,1 @@
+"""Benchmarks: separate from tests, print JSON, measure against a same-run baseline."""

@@ -1,0 +1,58 @@
+"""`ferry bench transfer`: source and target agents as separate processes, one JSON object out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from ..cli import parse_size
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("bench", help="benchmarks (JSON out)")
+    sub = p.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+    t = sub.add_parser(
+        "transfer", help="pull a weight set between agent processes; compare to a copy"
+    )
+    t.add_argument("--bytes", type=parse_size, default=parse_size("1Gi"))
+    t.add_argument("--tensors", type=int, default=300)
+    t.add_argument("--memory", choices=("host", "cuda"), default="host")
+    t.add_argument("--sources", type=int, default=1)
+    t.add_argument("--chunk-bytes", type=parse_size, default=parse_size("64Mi"))
+    t.add_argument("--max-inflight", type=int, default=32)
+    t.add_argument("--nixl-threads", type=int, default=0)
+    t.add_argument("--post-threads", type=int, default=4)
+    t.add_argument("--warm-cycles", type=int, default=3, help="warm cycles; warm_s is their median")
+    t.add_argument("--source-device", type=int, default=0, help="cuda: GPU of the first source")
+    t.add_argument(
+        "--target-device", type=int, default=-1, help="cuda: GPU of the target (-1: last)"
+    )
+    t.add_argument("--json", action="store_true", help="print only the JSON object")
+    t.add_argument("--out", help="also write the JSON object to this file")
+    t.set_defaults(func=cmd_transfer)
+
+
+def cmd_transfer(args: argparse.Namespace) -> int:
+    from .transfer import TransferBench
+
+    result = TransferBench(args).run()
+    text = json.dumps(result, indent=None if args.json else 2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+    return 0 if result.get("verified") else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ferry")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

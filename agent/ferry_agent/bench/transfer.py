@@ -1,0 +1,254 @@
+"""Transfer benchmark: N source agents and one target agent, each its own process.
+
+The bench process plays the engines: it declares the layout through
+`ferry_agent.client`, fills the source slabs, publishes, and asks the target
+(over gRPC, like the operator would) to pull. Cycle 1 is cold (registration,
+manifest, remote agent, prepared lists); later cycles are warm. Before every
+cycle the target slabs are zeroed, so each cycle must move every byte, and
+the bytes are compared with the source after the first and the last cycle.
+The baseline runs in the same process on the same memory: a single-threaded
+copy of the same bytes (host), or a torch device-to-device copy (cuda).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..client import EngineClient
+from ..layout import ALIGNMENT, DTYPE_SIZES, TensorSpec, align_up
+from ..peer import AgentClient
+from ..procs import AgentProcess, spawn_agent
+
+DTYPES = ("bfloat16", "float32", "float16", "int8", "bfloat16", "float8_e4m3fn")
+# Word pattern: a multiplicative hash of the 8-byte word index, so any misplaced byte shows.
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def make_specs(total: int, count: int, seed: int = 0) -> list[TensorSpec]:
+    """`count` tensors of mixed dtypes and log-normal sizes summing to `total` bytes
+    (each a multiple of ALIGNMENT, so they pack without padding)."""
+    rng = np.random.default_rng(seed)
+    weights = rng.lognormal(0.0, 1.0, count)
+    units = total // ALIGNMENT
+    sizes = np.maximum(1, np.floor(weights / weights.sum() * units)).astype(np.int64)
+    sizes[int(np.argmax(sizes))] += units - int(sizes.sum())
+    specs = []
+    for i, s in enumerate(sizes):
+        dtype = DTYPES[i % len(DTYPES)]
+        n = int(s) * ALIGNMENT // DTYPE_SIZES[dtype]
+        shape = (n // 128, 128) if n % 128 == 0 and n >= 128 else (n,)
+        specs.append(
+            TensorSpec(
+                f"layers.{i // 6}.{['wq', 'wk', 'wv', 'wo', 'w1', 'w2'][i % 6]}", dtype, shape
+            )
+        )
+    return specs
+
+
+class TransferBench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.cuda = args.memory == "cuda"
+        self.procs: list[AgentProcess] = []
+        self.clients: list[EngineClient] = []
+
+    # -- memory access from the bench process (host: numpy over shm; cuda: torch over IPC) --
+    def _slab_arrays(self, c: EngineClient) -> list[Any]:
+        return [s.tensor() if self.cuda else s.array for s in c._slabs]
+
+    def _fill(self, c: EngineClient) -> None:
+        for arr in self._slab_arrays(c):
+            if self.cuda:
+                import torch
+
+                n = arr.numel() // 8
+                words = torch.arange(n, dtype=torch.int64, device=arr.device) * int(
+                    GOLDEN.astype(np.int64)
+                )
+                arr[: n * 8].copy_(words.view(torch.uint8))
+            else:
+                w = arr[: arr.size // 8 * 8].view(np.uint64)
+                np.multiply(np.arange(w.size, dtype=np.uint64), GOLDEN, out=w)
+
+    def _zero(self, c: EngineClient) -> None:
+        for arr in self._slab_arrays(c):
+            arr.fill_(0) if self.cuda else arr.fill(0)
+        self._sync()
+
+    def _sync(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+
+    def _verify(self, src: EngineClient, dst: EngineClient) -> bool:
+        sa, da = self._slab_arrays(src), self._slab_arrays(dst)
+        dp = {p.name: p for p in dst.placements}
+        for p in src.placements:
+            q = dp[p.name]
+            a = sa[p.slab][p.offset : p.offset + p.nbytes]
+            b = da[q.slab][q.offset : q.offset + q.nbytes]
+            if self.cuda:
+                import torch
+
+                if not torch.equal(a, b.to(a.device)):
+                    return False
+            elif not np.array_equal(a, b):
+                return False
+        return True
+
+    def _baseline(self, src: EngineClient, dst: EngineClient, total: int) -> dict[str, Any]:
+        times = []
+        if self.cuda:
+            import torch
+
+            a = torch.empty(total, dtype=torch.uint8, device=f"cuda:{self.src_dev}")
+            b = torch.empty(total, dtype=torch.uint8, device=f"cuda:{self.dst_dev}")
+            b.copy_(a)
+            torch.cuda.synchronize()
+            for _ in range(3):
+                t0 = time.perf_counter()
+                b.copy_(a)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            name = f"torch D2D copy cuda:{self.src_dev} -> cuda:{self.dst_dev}"
+        else:
+            pairs = list(zip(self._slab_arrays(src), self._slab_arrays(dst), strict=True))
+            for _ in range(3):
+                t0 = time.perf_counter()
+                for s, d in pairs:
+                    np.copyto(d, s)
+                times.append(time.perf_counter() - t0)
+            name = "single-process copy (numpy.copyto, 1 thread, same shm slabs)"
+        sec = statistics.median(times)
+        return {"name": name, "GBps": round(total / sec / 1e9, 3), "seconds": round(sec, 4)}
+
+    def run(self) -> dict[str, Any]:
+        a = self.args
+        specs = make_specs(a.bytes, a.tensors)
+        total = sum(s.nbytes for s in specs)
+        slab_bytes = align_up(total + len(specs) * ALIGNMENT, 1 << 20)
+        self.src_dev = a.source_device
+        self.dst_dev = a.target_device
+        if self.cuda and self.dst_dev < 0:
+            import torch
+
+            self.dst_dev = max(torch.cuda.device_count() - 1, 0)
+        tmp = Path(tempfile.mkdtemp(prefix="ferry-bench-"))
+        token = tmp / "token"
+        token.write_text(os.urandom(16).hex())
+        common = [
+            "--memory",
+            a.memory,
+            "--slab-bytes",
+            str(slab_bytes),
+            "--chunk-bytes",
+            str(a.chunk_bytes),
+            "--max-inflight",
+            str(a.max_inflight),
+            "--nixl-threads",
+            str(a.nixl_threads),
+            "--rails",
+            "off" if not self.cuda else "auto",
+            "--log-level",
+            "WARNING",
+        ]
+        try:
+            for k in range(a.sources):
+                dev = ["--device", str(self.src_dev + k)] if self.cuda else []
+                self.procs.append(spawn_agent(tmp, f"bench-src-{k}", token, args=common + dev))
+            tdev = ["--device", str(self.dst_dev)] if self.cuda else []
+            target = spawn_agent(tmp, "bench-target", token, args=common + tdev)
+            self.procs.append(target)
+            srcs = [EngineClient(p.socket) for p in self.procs[:-1]]
+            dst = EngineClient(target.socket)
+            self.clients = [*srcs, dst]
+            for c in srcs:
+                c.declare(specs)
+                self._fill(c)
+                self._sync()
+                c.publish("bench-0")
+            reply = dst.request("declare", tensors=[s.to_dict() for s in specs])
+            register_s = float(reply["register_s"])
+            dst._map(reply)
+            baseline = self._baseline(srcs[0], dst, total)
+            rpc = AgentClient(target.endpoint, token.read_text())
+            endpoints = [p.endpoint for p in self.procs[:-1]]
+
+            self._zero(dst)
+            cold = rpc.pull(endpoints, timeout_s=600)
+            verified = self._verify(srcs[0], dst)
+            warm = []
+            for i in range(1, a.warm_cycles + 1):
+                for c in srcs:
+                    c.begin_write()
+                    c.publish(f"bench-{i}")
+                self._zero(dst)
+                warm.append(rpc.pull(endpoints, timeout_s=600))
+            verified = verified and self._verify(srcs[0], dst)
+            rpc.close()
+        finally:
+            for c in self.clients:
+                c.close()
+            for p in self.procs:
+                p.stop()
+            shutil.rmtree(tmp, ignore_errors=True)
+
+        warm_s = statistics.median(r.total_s for r in warm)
+        read_s = statistics.median(r.seconds for r in warm)
+        gbps = total / warm_s / 1e9
+        return {
+            "bench": "transfer",
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "command": "ferry bench " + " ".join(sys.argv[1:]),
+            "machine": {
+                "hostname": platform.node(),
+                "cpus": os.cpu_count(),
+                "kernel": platform.release(),
+                "python": platform.python_version(),
+                "nixl": _nixl_version(),
+            },
+            "memory": a.memory,
+            "bytes": total,
+            "tensors": len(specs),
+            "sources": a.sources,
+            "descriptors": int(cold.descriptors),
+            "chunk_bytes": a.chunk_bytes,
+            "max_inflight": a.max_inflight,
+            "post_threads": a.post_threads,
+            "register_s": round(register_s, 6),
+            "cold_s": round(register_s + cold.total_s, 4),
+            "warm_s": round(warm_s, 4),
+            "warm_runs_s": [round(r.total_s, 4) for r in warm],
+            "warm_read_s": round(read_s, 4),
+            "GBps": round(gbps, 3),
+            "baseline": baseline,
+            "ratio": round(gbps / baseline["GBps"], 3),
+            "verified": bool(verified),
+            "warm_registrations": sum(int(r.registrations) for r in warm),
+            "warm_dlists_prepared": sum(int(r.dlists_prepared) for r in warm),
+            "warm_dlists_reused": sum(int(r.dlists_reused) for r in warm),
+        }
+
+
+def _nixl_version() -> str:
+    from importlib import metadata
+
+    for dist in ("nixl-cu13", "nixl-cu12", "nixl"):
+        try:
+            return f"{dist} {metadata.version(dist)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return "unknown"
