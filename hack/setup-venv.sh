@@ -34,15 +34,17 @@ if [[ ! -f "$DEPS/.complete" ]]; then
   touch "$DEPS/.complete"
 fi
 
+VENV="${FERRY_VENV:-.venv}"
 DEPS_SITE="$("$DEPS/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-if [[ ! -f .venv/.ferry-deps ]] || [[ "$(cat .venv/.ferry-deps)" != "$DEPS" ]] || [[ ! -x .venv/bin/ferry ]]; then
-  rm -rf .venv
-  "$PY" -m venv --without-pip .venv
-  SITE="$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+if [[ ! -f "$VENV/.ferry-deps" ]] || [[ "$(cat "$VENV/.ferry-deps")" != "$DEPS" ]] || [[ ! -x "$VENV/bin/ferry" ]]; then
+  rm -rf "$VENV"
+  "$PY" -m venv --without-pip "$VENV"
+  SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
   # addsitedir (not a bare path) so .pth files in the cached site-packages run too.
   echo "import site; site.addsitedir('$DEPS_SITE')" > "$SITE/ferry-deps.pth"
-  .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e . >&2
-  echo "$DEPS" > .venv/.ferry-deps
+  "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e . >&2
+  echo "$DEPS" > "$VENV/.ferry-deps"
 fi
-.venv/bin/python -c 'import ferry_api, ferry_operator, ferry_agent' >&2
-echo "setup: .venv ready ($("$PY" --version), deps $DEPS)" >&2
+"$VENV/bin/python" -c 'import ferry_api, ferry_operator, ferry_agent' >&2
+echo "setup: $VENV ready ($("$PY" --version), deps $DEPS)" >&2
+touch "$VENV/.ferry-deps"
