@@ -92,7 +92,11 @@ def write_all(check: bool = False) -> list[Path]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from . import apidocs
+
     stale = write_all(check=args.check)
+    if apidocs.write(check=args.check):
+        stale.append(apidocs.DOC_PATH)
     for path in stale:
         print(f"{'stale' if args.check else 'wrote'}: {path}", file=sys.stderr)
     return 1 if args.check and stale else 0

@@ -70,3 +70,9 @@ def test_nested_object_defaults_spelled_out() -> None:
     spec = generate.crd(WeightSource)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     assert spec["properties"]["heartbeat"]["default"] == {"leaseDurationSeconds": 15, "renewIntervalSeconds": 5}
     assert spec["properties"]["rails"]["default"] == {"mode": "auto"}
+
+
+def test_api_reference_is_not_stale() -> None:
+    from ferry_api import apidocs
+
+    assert not apidocs.write(check=True), "run `make crds` to regenerate docs/api.md"
