@@ -73,6 +73,7 @@ class PullResult:
     sources: list[str]
     register_s: float = 0.0
     total_s: float = 0.0  # whole cycle: versions, plan, prepare, READs, fence
+    source_bytes: dict[str, int] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=dict)
 
     @property

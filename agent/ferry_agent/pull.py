@@ -114,9 +114,9 @@ def run_pull(
             ok = True
             stats1 = agent.engine.stats.as_dict()
             m = agent.metrics
-            m.bytes_moved.labels("in").inc(res.bytes)
+            m.bytes_moved.labels("in").inc(plan.bytes)
             m.transfer_seconds.observe(res.seconds)
-            m.transfer_gbps.set(res.bytes / res.seconds / 1e9 if res.seconds else 0)
+            m.transfer_gbps.set(plan.bytes / res.seconds / 1e9 if res.seconds else 0)
             m.descriptors.set(plan.descriptors)
             if stats1["dlists_reused"] > stats0["dlists_reused"]:
                 m.dlists_reused.inc()
@@ -129,6 +129,7 @@ def run_pull(
                 sources=list(endpoints),
                 register_s=register_s,
                 total_s=time.perf_counter() - t_start,
+                source_bytes=dict(res.per_peer_bytes),
                 stats={k: stats1[k] - stats0[k] for k in stats1}
                 | {"total_" + k: v for k, v in stats1.items()},
             )

@@ -88,6 +88,7 @@ class AgentServicer(pb_grpc.FerryAgentServicer):
             remote_agents_added=s.get("remote_agents_added", 0),
             register_s=r.register_s,
             total_s=r.total_s,
+            source_bytes=r.source_bytes,
             xfer_handles_created=s.get("xfer_handles_created", 0),
         )
 
