@@ -13,6 +13,9 @@ def _run(args: argparse.Namespace) -> int:
     os.environ["FERRY_RESYNC_SECONDS"] = str(args.resync_seconds)
     os.environ["FERRY_CANARY_SECONDS"] = str(args.canary_seconds)
     os.environ["FERRY_WATCH_SERVER_TIMEOUT"] = str(args.watch_timeout)
+    os.environ["FERRY_WEBHOOK_PORT"] = str(args.webhook_port)
+    os.environ["FERRY_WEBHOOK_HOST"] = args.webhook_host
+    os.environ["FERRY_WEBHOOK_CERT_DIR"] = args.webhook_cert_dir
     import kopf
 
     import ferry_operator.main  # noqa: F401  (registers every handler)
@@ -41,6 +44,12 @@ def add_run_parser(sub: Any) -> None:
     run.add_argument("--peering", metavar="NAME", default=None,
                      help="kopf peering name for leader election when running more than one replica")
     run.add_argument("--priority", type=int, default=0, help="kopf peering priority")
+    run.add_argument("--webhook-port", type=int, default=0,
+                     help="serve the sidecar-injection webhook on this port (0: off)")
+    run.add_argument("--webhook-host", default="",
+                     help="name the apiserver uses to reach the webhook (a Service DNS name in a cluster)")
+    run.add_argument("--webhook-cert-dir", default="",
+                     help="directory with tls.crt/tls.key/ca.crt; empty: self-managed certificates")
     run.add_argument("--verbose", action="store_true")
     run.set_defaults(func=_run)
 

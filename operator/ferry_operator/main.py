@@ -10,11 +10,15 @@ from typing import Any
 import kopf
 from ferry_api import GROUP, VERSION
 
-from . import health, reconcile
+from . import health, injection, reconcile
 
 RESYNC_SECONDS = float(os.environ.get("FERRY_RESYNC_SECONDS", "30"))
 HEALTH_PORT = int(os.environ.get("FERRY_HEALTH_PORT", "8080"))
 CANARY_SECONDS = float(os.environ.get("FERRY_CANARY_SECONDS", "10"))
+WEBHOOK_PORT = int(os.environ.get("FERRY_WEBHOOK_PORT", "0"))  # 0: no webhook server
+WEBHOOK_HOST = os.environ.get("FERRY_WEBHOOK_HOST", "")  # the name the apiserver dials
+WEBHOOK_CERT_DIR = os.environ.get("FERRY_WEBHOOK_CERT_DIR", "")
+INJECT = injection.InjectSettings.from_env()
 WATCH_SERVER_TIMEOUT = int(float(os.environ.get("FERRY_WATCH_SERVER_TIMEOUT", "60")))
 
 HEALTH = health.WatchHealth(interval=CANARY_SECONDS)
@@ -38,6 +42,11 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.posting.level = logging.INFO
     settings.execution.max_workers = 16
+    if WEBHOOK_PORT:
+        from . import webhook
+
+        settings.admission.server = webhook.server(WEBHOOK_PORT, WEBHOOK_HOST, WEBHOOK_CERT_DIR)
+        settings.admission.managed = GROUP
     _TASKS.append(await health.serve(HEALTH, HEALTH_PORT))
     _TASKS.append(asyncio.create_task(health.keep_canary(HEALTH, _STOP), name="ferry canary"))
     HEALTH.ready = True
@@ -69,3 +78,14 @@ for _plural, _fn in (
     kopf.on.resume(GROUP, VERSION, _plural, id="reconcile")(_fn)
     kopf.timer(GROUP, VERSION, _plural, id="resync", interval=RESYNC_SECONDS,
                initial_delay=RESYNC_SECONDS)(_fn)
+
+
+if WEBHOOK_PORT:
+    @kopf.on.mutate("v1", "pods", id="inject-agent", operations=["CREATE"],
+                    labels={injection.INJECT_LABEL: "true"},
+                    ignore_failures=INJECT.failure_policy == "Ignore")
+    def inject_agent(spec: kopf.Spec, patch: kopf.Patch, **_: Any) -> None:
+        new = injection.inject(dict(spec), INJECT)
+        if new is not None:
+            for key in ("initContainers", "containers", "volumes"):
+                patch.spec[key] = new[key]

@@ -1,0 +1,47 @@
+"""The sidecar the webhook adds (pure function)."""
+
+from __future__ import annotations
+
+from ferry_operator.injection import AGENT_NAME, InjectSettings, inject
+
+POD = {"containers": [{"name": "engine", "image": "vllm:1"}]}
+
+
+def test_agent_is_a_native_sidecar_with_identity_and_shared_volumes() -> None:
+    s = InjectSettings(image="agent:9", token_secret="tok", memory_mode="host", shm_size="8Gi")
+    spec = inject(POD, s)
+    agent = spec["initContainers"][0]
+    assert agent["name"] == AGENT_NAME and agent["restartPolicy"] == "Always"
+    assert agent["image"] == "agent:9"
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in agent["env"]}
+    assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace",
+                   "POD_IP": "status.podIP", "NODE_NAME": "spec.nodeName"}
+    assert {"name": "ferry-grpc", "containerPort": 50051, "protocol": "TCP"} in agent["ports"]
+    vols = {v["name"]: v for v in spec["volumes"]}
+    assert vols["ferry-shm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
+    assert vols["ferry-token"]["secret"]["secretName"] == "tok"
+    engine = spec["containers"][0]
+    assert {m["mountPath"] for m in engine["volumeMounts"]} == {"/dev/shm", "/var/run/ferry"}
+    assert "--memory" in agent["args"] and "host" in agent["args"]
+    assert agent["securityContext"]["runAsNonRoot"] is True
+
+
+def test_idempotent_and_input_untouched() -> None:
+    spec = inject(POD, InjectSettings())
+    assert inject(spec, InjectSettings()) is None
+    assert "initContainers" not in POD and "volumeMounts" not in POD["containers"][0]
+
+
+def test_existing_init_containers_and_shm_kept() -> None:
+    pod = {"initContainers": [{"name": "fetch", "image": "x"}],
+           "containers": [{"name": "e", "image": "y", "volumeMounts": [{"name": "mine", "mountPath": "/dev/shm"}]}],
+           "volumes": [{"name": "mine", "emptyDir": {"medium": "Memory"}}]}
+    spec = inject(pod, InjectSettings())
+    assert [c["name"] for c in spec["initContainers"]] == [AGENT_NAME, "fetch"]
+    mounts = spec["containers"][0]["volumeMounts"]
+    assert [m for m in mounts if m["mountPath"] == "/dev/shm"] == [{"name": "mine", "mountPath": "/dev/shm"}]
+
+
+def test_settings_from_env() -> None:
+    s = InjectSettings.from_env({"FERRY_AGENT_IMAGE": "a:1", "FERRY_WEBHOOK_FAILURE_POLICY": "Ignore"})
+    assert s.image == "a:1" and s.failure_policy == "Ignore"
