@@ -186,7 +186,7 @@ def serve(
 def main(argv: list[str] | None = None) -> int:
     """`python -m ferry_agent.artifacts.service --store DIR --token-file F`:
     serve a store until killed; prints `listening <port>` once bound."""
-    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="serve packed caches from a store dir")
     parser.add_argument("--store", required=True)
     parser.add_argument("--token-file", required=True)
     parser.add_argument("--address", default="127.0.0.1:0")
