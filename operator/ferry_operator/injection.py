@@ -61,7 +61,7 @@ def agent_container(s: InjectSettings) -> dict[str, Any]:
         "restartPolicy": "Always",
         "args": ["agent", "run", "--memory", s.memory_mode, "--rails", s.rails,
                  "--grpc-port", str(GRPC_PORT), "--metrics-port", str(METRICS_PORT),
-                 "--socket", f"{SOCKET_DIR}/agent.sock", "--token-file", f"{TOKEN_DIR}/token"],
+                 "--control-socket", f"{SOCKET_DIR}/agent.sock", "--token-file", f"{TOKEN_DIR}/token"],
         "env": [
             _field_env("POD_NAME", "metadata.name"),
             _field_env("POD_NAMESPACE", "metadata.namespace"),
