@@ -261,12 +261,11 @@ class Agent:
 
     @property
     def state(self) -> str:
+        """Empty | Declared | Ready | Writing (engine) | Pulling (READs into our slabs)."""
         if self._layout is None:
             return "Empty"
-        if self._pulling:
-            return "Pulling"
         if self._epoch % 2:
-            return "Writing"
+            return "Pulling" if self._pulling else "Writing"
         return "Ready" if self._version else "Declared"
 
     def manifest(self, *, with_metadata: bool = True) -> Manifest:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import urllib.request
 
 import pytest
-
+from agent_e2e_helpers import fill, mixed_specs, paint, snapshot
 from ferry_agent.errors import LayoutMismatch, Unauthenticated
 from ferry_agent.layout import TensorSpec
-
-from .conftest import fill, mixed_specs, paint, snapshot
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
