@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from functools import cache
 from typing import Any
 
@@ -47,6 +48,23 @@ def get_object(plural: str, namespace: str, name: str) -> dict | None:
         if exc.status == 404:
             return None
         raise
+
+
+AGENT_LEASE_LABEL = "ferry.dev/agent-lease"
+
+
+def live_agents(namespace: str, now: datetime) -> set[str]:
+    """Pods whose agent Lease was renewed within its leaseDurationSeconds."""
+    leases = client.CoordinationV1Api(api()).list_namespaced_lease(
+        namespace, label_selector=AGENT_LEASE_LABEL).items
+    live = set()
+    for lease in leases:
+        spec = lease.spec
+        if spec is None or spec.renew_time is None or not spec.holder_identity:
+            continue
+        if spec.renew_time + timedelta(seconds=spec.lease_duration_seconds or 0) > now:
+            live.add(spec.holder_identity)
+    return live
 
 
 def list_pods(namespace: str, label_selector: str) -> list[Any]:

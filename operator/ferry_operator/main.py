@@ -13,6 +13,9 @@ from ferry_api import GROUP, VERSION
 from . import health, injection, reconcile
 
 RESYNC_SECONDS = float(os.environ.get("FERRY_RESYNC_SECONDS", "30"))
+# WeightSources are re-checked faster: an agent whose Lease expired must show
+# Stale within one lease duration (15 s by default, 3 s at least).
+LEASE_CHECK_SECONDS = min(RESYNC_SECONDS, float(os.environ.get("FERRY_LEASE_CHECK_SECONDS", "2")))
 HEALTH_PORT = int(os.environ.get("FERRY_HEALTH_PORT", "8080"))
 CANARY_SECONDS = float(os.environ.get("FERRY_CANARY_SECONDS", "10"))
 WEBHOOK_PORT = int(os.environ.get("FERRY_WEBHOOK_PORT", "0"))  # 0: no webhook server
@@ -76,8 +79,8 @@ for _plural, _fn in (
     kopf.on.create(GROUP, VERSION, _plural, id="reconcile")(_fn)
     kopf.on.update(GROUP, VERSION, _plural, id="reconcile")(_fn)
     kopf.on.resume(GROUP, VERSION, _plural, id="reconcile")(_fn)
-    kopf.timer(GROUP, VERSION, _plural, id="resync", interval=RESYNC_SECONDS,
-               initial_delay=RESYNC_SECONDS)(_fn)
+    _every = LEASE_CHECK_SECONDS if _plural == "weightsources" else RESYNC_SECONDS
+    kopf.timer(GROUP, VERSION, _plural, id="resync", interval=_every, initial_delay=_every)(_fn)
 
 
 if WEBHOOK_PORT:

@@ -66,7 +66,8 @@ def weightsource_(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
 
     def compute(spec: WeightSourceSpec, status: dict, generation: int) -> dict:
         pods = _pod_names(ns, spec.selector.to_label_selector())
-        return weightsource.compute_status(spec, status, generation, pods, now())
+        live = kube.live_agents(ns, now())
+        return weightsource.compute_status(spec, status, generation, pods, now(), live)
 
     _run(WeightSource.KIND, WeightSource.PLURAL, body, logger, compute, WeightSourceSpec,
          ["Ready", "Degraded"])

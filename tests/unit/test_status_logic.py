@@ -100,3 +100,20 @@ def test_selector_rendering() -> None:
         "matchExpressions": [{"key": "tier", "operator": "In", "values": ["x", "y"]},
                              {"key": "gone", "operator": "DoesNotExist"}]}})
     assert spec.selector.to_label_selector() == "a=1,b=2,tier in (x,y),!gone"
+
+
+def test_expired_lease_marks_stale_and_overrides_only_state() -> None:
+    status = {"members": [member("p0"), member("p1")]}
+    st = weightsource.compute_status(WS, status, 1, ["p0", "p1"], T0, live={"p0"})
+    assert st["readyReplicas"] == 1
+    assert st["members"] == [{"pod": "p1", "state": "Stale"}]
+    assert cond(st, "Degraded")["reason"] == "ReplicasStale"
+    # fresh again: no override, the agent's own Ready stands
+    st = weightsource.compute_status(WS, status, 1, ["p0", "p1"], T0, live={"p0", "p1"})
+    assert "members" not in st and st["readyReplicas"] == 2
+
+
+def test_mismatched_replica_is_flagged_on_its_entry() -> None:
+    status = {"members": [member("p0"), member("p1"), member("p2", fp="odd")]}
+    st = weightsource.compute_status(WS, status, 1, ["p0", "p1", "p2"], T0, live={"p0", "p1", "p2"})
+    assert st["members"] == [{"pod": "p2", "state": "Mismatched"}]

@@ -13,15 +13,28 @@ from ..conditions import Cond, human_bytes, set_conditions
 KIND, PLURAL = WeightSource.KIND, WeightSource.PLURAL
 
 
-def compute_status(
-    spec: WeightSourceSpec, status: dict[str, Any], generation: int, pods: list[str], now: datetime
-) -> dict[str, Any]:
-    """Operator-owned status fields from the selected pods and the agents' entries.
+def effective_members(members: list[dict[str, Any]], live: set[str] | None) -> list[dict[str, Any]]:
+    """Agents' entries with Stale applied where the agent's Lease expired or is gone."""
+    if live is None:
+        return members
+    return [m if m.get("pod") in live or m.get("state") == "Stale" else {**m, "state": "Stale"}
+            for m in members]
 
-    `members` belongs to the agents (one SSA field manager each) and is only read here.
+
+def compute_status(
+    spec: WeightSourceSpec, status: dict[str, Any], generation: int, pods: list[str], now: datetime,
+    live: set[str] | None = None,
+) -> dict[str, Any]:
+    """Operator-owned status fields from the selected pods, the agents' entries and their Leases.
+
+    `members` entries belong to the agents (one SSA field manager each). The
+    operator only overrides `state` of an entry, to Stale when the agent's Lease
+    (`live`: pods with a fresh Lease) expired, or to Mismatched when its layout
+    differs from the others; once the agent is fresh again its own apply wins.
     """
     selected = set(pods)
-    members = [m for m in status.get("members") or [] if m.get("pod") in selected]
+    raw = [m for m in status.get("members") or [] if m.get("pod") in selected]
+    members = effective_members(raw, live)
     ready = [m for m in members if m.get("state") == "Ready"]
     fingerprints = Counter(m.get("fingerprint") for m in ready if m.get("fingerprint"))
     majority_fp = fingerprints.most_common(1)[0][0] if fingerprints else None
@@ -54,6 +67,10 @@ def compute_status(
     else:
         degraded = Cond("Degraded", False, "AsExpected", "")
 
+    overrides = [{"pod": m["pod"], "state": "Stale"} for m, r in zip(members, raw, strict=True)
+                 if m.get("state") == "Stale" and r.get("state") != "Stale"]
+    overrides += [{"pod": m["pod"], "state": "Mismatched"} for m in ready
+                  if m.get("fingerprint") != majority_fp]
     ref = consistent[0] if consistent else {}
     out: dict[str, Any] = {
         "observedGeneration": generation,
@@ -62,6 +79,8 @@ def compute_status(
         "readyReplicas": len(consistent),
         "readySummary": f"{len(consistent)}/{len(pods)}",
     }
+    if overrides:
+        out["members"] = overrides
     if versions:
         out["version"] = versions.most_common(1)[0][0]
     if majority_fp:
