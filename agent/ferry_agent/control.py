@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -40,6 +41,19 @@ def recv(reader: Any) -> dict[str, Any] | None:
     if not line:
         return None
     return json.loads(line)
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """True once the other end hung up (readable with nothing to read)."""
+    r, _, _ = select.select([sock], [], [], 0)
+    if not r:
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 @dataclass
@@ -115,10 +129,14 @@ class EngineLink:
             send(sock, {"ok": True, "subscribed": True})
             while not stop.is_set():
                 with self._cv:
-                    self._cv.wait_for(lambda s=seen: self._new_refit(s) or stop.is_set(), 0.5)
+                    self._cv.wait_for(lambda s=seen: self._new_refit(s) or stop.is_set(), 0.1)
                     refit = self._refit
                     if refit is None or refit.id == seen or refit.done:
-                        continue
+                        refit = None
+                if refit is None:
+                    if _peer_closed(sock):
+                        return
+                    continue
                 seen = refit.id
                 send(sock, {"event": "pause", "id": refit.id, "version": refit.version})
                 msg = recv(reader)

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from ferry_agent.layout import TensorSpec, plan_layout
+from ferry_agent.slabs import SHM_DIR, HostSlab, create_slabs
+from ferry_agent.views import tensor_views
+
+
+def test_host_slab_is_shared_memory_seen_by_an_attacher():
+    s = HostSlab.create(0, 1 << 16, prefix="ferry-unit")
+    try:
+        other = HostSlab.attach(0, s.name, s.nbytes)
+        s.array[:5] = [1, 2, 3, 4, 5]
+        assert other.array[:5].tolist() == [1, 2, 3, 4, 5]
+        other.array[-1] = 9
+        assert s.array[-1] == 9
+        assert s.addr % 4096 == 0 and s.info.memory == "DRAM" and s.info.handle == s.name
+        other.close()
+        assert os.path.exists(os.path.join(SHM_DIR, s.name))  # attacher never unlinks
+    finally:
+        s.close()
+    assert not os.path.exists(os.path.join(SHM_DIR, s.name))
+
+
+def test_attach_refuses_path_like_names():
+    with pytest.raises(ValueError):
+        HostSlab.attach(0, "../etc/passwd", 10)
+
+
+def test_torch_views_alias_slab_bytes_with_dtype_and_shape():
+    specs = [
+        TensorSpec("a", "bfloat16", (4, 8)),
+        TensorSpec("b", "float32", (3,)),
+        TensorSpec("c", "int8", (0,)),
+    ]
+    lay = plan_layout(specs, 4096)
+    slabs = create_slabs(lay.slab_sizes, "host", prefix="ferry-unit")
+    try:
+        v = tensor_views(slabs, lay.placements)
+        assert v["a"].dtype == torch.bfloat16 and tuple(v["a"].shape) == (4, 8)
+        v["b"][:] = torch.tensor([1.5, 2.5, 3.5])
+        p = lay.by_name()["b"]
+        raw = slabs[p.slab].array[p.offset : p.offset + 12].view(np.float32)
+        assert raw.tolist() == [1.5, 2.5, 3.5]
+        assert v["c"].numel() == 0
+    finally:
+        for s in slabs:
+            s.close()
+
+
+def test_unknown_memory_mode_refused():
+    with pytest.raises(ValueError):
+        create_slabs((4096,), "disk", prefix="x")
