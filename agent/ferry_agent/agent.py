@@ -110,7 +110,10 @@ class Agent:
         )
         self.name = f"{config.namespace}.{config.pod}.{secrets.token_hex(4)}"
         self.engine = NixlEngine(
-            self.name, num_threads=config.nixl_threads, post_threads=config.post_threads
+            self.name,
+            num_threads=config.nixl_threads,
+            post_threads=config.post_threads,
+            thread_init=self._cuda_thread_init if config.memory == "cuda" else None,
         )
         self.link = EngineLink()
         self._lock = threading.RLock()
@@ -128,6 +131,11 @@ class Agent:
         self.control: ControlServer | None = None
         self.metrics_server: MetricsServer | None = None
         self._extra_servicers: list[tuple[Any, Any]] = []
+
+    def _cuda_thread_init(self) -> None:
+        from .cuda import set_device
+
+        set_device(self.config.device)
 
     # -- lifecycle ----------------------------------------------------------------
     def token(self) -> str:
@@ -307,6 +315,8 @@ class Agent:
         from .pull import run_pull
 
         want = None if version in (None, "", "latest") else version
+        if self.config.memory == "cuda":
+            self._cuda_thread_init()  # gRPC threads prepare VRAM descriptor lists
         with self._pull_lock:
             self._pulling = True
             try:

@@ -74,6 +74,11 @@ def _check(rc: int, what: str) -> None:
         raise CudaError(f"{what} failed: {rc} {lib.cudaGetErrorString(rc).decode()}")
 
 
+def set_device(device: int) -> None:
+    """Make `device` current on this thread (UCX's cuda transports use the thread's context)."""
+    _check(cudart().cudaSetDevice(device), f"cudaSetDevice({device})")
+
+
 class CudaArray:
     """`__cuda_array_interface__` over raw device memory so torch can wrap it without a copy."""
 

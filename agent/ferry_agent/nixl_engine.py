@@ -125,6 +125,7 @@ class NixlEngine:
         num_threads: int = 0,
         post_threads: int = DEFAULT_POST_THREADS,
         backends: Sequence[str] = ("UCX",),
+        thread_init: Callable[[], None] | None = None,
     ):
         self._nixl = import_nixl()
         sync = self._nixl.nixl_thread_sync_t
@@ -137,6 +138,7 @@ class NixlEngine:
             sync_mode=sync.NIXL_THREAD_SYNC_STRICT if post_threads > 1 else None,
         )
         self.post_threads = max(1, post_threads)
+        self.thread_init = thread_init  # run first on every posting thread (CUDA device)
         self.name = name
         self._agent = self._nixl.nixl_agent(name, cfg)
         self._lock = threading.RLock()
@@ -315,6 +317,8 @@ class NixlEngine:
 
     def _worker(self, st: _ReadState) -> None:
         try:
+            if self.thread_init is not None:
+                self.thread_init()
             while not st.abort:
                 item = st.take()
                 if item is None:

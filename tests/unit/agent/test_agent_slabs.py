@@ -55,3 +55,17 @@ def test_torch_views_alias_slab_bytes_with_dtype_and_shape():
 def test_unknown_memory_mode_refused():
     with pytest.raises(ValueError):
         create_slabs((4096,), "disk", prefix="x")
+
+
+def test_cuda_array_interface_and_handle_checks_without_a_gpu():
+    from ferry_agent.cuda import IPC_HANDLE_BYTES, CudaArray, CudaSlab
+
+    arr = CudaArray(0xDEAD000, 4096, owner=None)
+    iface = arr.__cuda_array_interface__
+    assert (
+        iface["shape"] == (4096,)
+        and iface["typestr"] == "|u1"
+        and iface["data"] == (0xDEAD000, False)
+    )
+    with pytest.raises(ValueError, match=f"{IPC_HANDLE_BYTES} bytes"):
+        CudaSlab.attach(0, "ab" * 10, 4096, 0)
