@@ -18,10 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from ferry_operator.dev.controlplane import REPO_ROOT, ControlPlane, free_port
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
-
-from ferry_operator.dev.controlplane import REPO_ROOT, ControlPlane, free_port
 
 
 @pytest.fixture(scope="session")
@@ -117,10 +116,19 @@ def stop_operator(op: OperatorProcess) -> None:
 
 
 @pytest.fixture(scope="session")
-def operator(kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+def operator(kubeconfig: Path, api_client: k8s_client.ApiClient,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    """One operator for the session: fast resync, and the injection webhook served over TLS."""
     log = tmp_path_factory.mktemp("operator") / "operator.log"
-    op = start_operator(kubeconfig, log)
+    op = start_operator(kubeconfig, log, "--resync-seconds", "2",
+                        "--webhook-port", str(free_port()), "--webhook-host", "127.0.0.1")
     try:
+        adm = k8s_client.AdmissionregistrationV1Api(api_client)
+        deadline = time.monotonic() + 30
+        while "ferry.dev" not in [w.metadata.name for w in adm.list_mutating_webhook_configuration().items]:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"webhook configuration not created:\n{log.read_text()[-3000:]}")
+            time.sleep(0.3)
         yield op
     finally:
         stop_operator(op)

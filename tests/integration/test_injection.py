@@ -2,35 +2,9 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
-from ferry_operator.dev.controlplane import free_port
 from kubernetes import client as k8s_client
 
-from tests.conftest import OperatorProcess, start_operator, stop_operator
-
-
-@pytest.fixture(scope="module")
-def webhook_operator(kubeconfig: Path, api_client: k8s_client.ApiClient,
-                     tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    log = tmp_path_factory.mktemp("webhook") / "operator.log"
-    op = start_operator(kubeconfig, log, "--webhook-port", str(free_port()),
-                        "--webhook-host", "127.0.0.1")
-    adm = k8s_client.AdmissionregistrationV1Api(api_client)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        names = [w.metadata.name for w in adm.list_mutating_webhook_configuration().items]
-        if "ferry.dev" in names:
-            break
-        time.sleep(0.3)
-    else:
-        stop_operator(op)
-        raise AssertionError(f"managed webhook configuration not created:\n{log.read_text()[-3000:]}")
-    yield op
-    stop_operator(op)
+from tests.conftest import OperatorProcess
 
 
 def pod(name: str, labels: dict[str, str]) -> dict:
@@ -38,7 +12,7 @@ def pod(name: str, labels: dict[str, str]) -> dict:
             "spec": {"containers": [{"name": "engine", "image": "example.invalid/vllm:1"}]}}
 
 
-def test_labelled_pod_gets_the_agent_sidecar(webhook_operator: OperatorProcess,
+def test_labelled_pod_gets_the_agent_sidecar(operator: OperatorProcess,
                                              api_client: k8s_client.ApiClient, namespace: str) -> None:
     core = k8s_client.CoreV1Api(api_client)
     core.create_namespaced_pod(namespace, pod("engine-0", {"ferry.dev/inject": "true"}))
@@ -53,7 +27,7 @@ def test_labelled_pod_gets_the_agent_sidecar(webhook_operator: OperatorProcess,
     assert "/var/run/ferry" in {m.mount_path for m in engine.volume_mounts}
 
 
-def test_unlabelled_pod_is_left_alone(webhook_operator: OperatorProcess,
+def test_unlabelled_pod_is_left_alone(operator: OperatorProcess,
                                       api_client: k8s_client.ApiClient, namespace: str) -> None:
     core = k8s_client.CoreV1Api(api_client)
     core.create_namespaced_pod(namespace, pod("plain", {"app": "x"}))
@@ -61,7 +35,7 @@ def test_unlabelled_pod_is_left_alone(webhook_operator: OperatorProcess,
     assert not stored.spec.init_containers
 
 
-def test_injection_is_idempotent(webhook_operator: OperatorProcess, api_client: k8s_client.ApiClient,
+def test_injection_is_idempotent(operator: OperatorProcess, api_client: k8s_client.ApiClient,
                                  namespace: str) -> None:
     core = k8s_client.CoreV1Api(api_client)
     body = pod("again", {"ferry.dev/inject": "true"})

@@ -6,64 +6,22 @@ import socket
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
-import pytest
 import yaml
+from ferry_agent.k8s.reporter import Identity, Reporter
 from ferry_operator.dev.controlplane import ControlPlane
 from kubernetes import client as k8s_client
 
 from tests.conftest import OperatorProcess, start_operator, stop_operator
-
-GROUP, VERSION = "ferry.dev", "v1alpha1"
-
-
-@pytest.fixture(scope="module")
-def fast_operator(kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    log = tmp_path_factory.mktemp("op") / "operator.log"
-    op = start_operator(kubeconfig, log, "--resync-seconds", "2")
-    yield op
-    stop_operator(op)
-
-
-def wait_for(fn: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}; last value: {last!r}")
-
-
-def get(api: k8s_client.ApiClient, plural: str, ns: str, name: str) -> dict:
-    return k8s_client.CustomObjectsApi(api).get_namespaced_custom_object(GROUP, VERSION, ns, plural, name)
-
-
-def cond(obj: dict, type_: str) -> dict | None:
-    return next((c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == type_), None)
-
-
-def create(api: k8s_client.ApiClient, ns: str, plural: str, body: dict) -> dict:
-    return k8s_client.CustomObjectsApi(api).create_namespaced_custom_object(GROUP, VERSION, ns, plural, body)
-
-
-def make_pod(api: k8s_client.ApiClient, ns: str, name: str, labels: dict[str, str]) -> None:
-    k8s_client.CoreV1Api(api).create_namespaced_pod(ns, {
-        "metadata": {"name": name, "labels": labels},
-        "spec": {"containers": [{"name": "engine", "image": "example.invalid/engine:1"}]},
-    })
-
+from tests.kube_helpers import GROUP, VERSION, cond, create, get, make_pod, wait_for
 
 WS = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "WeightSource", "metadata": {"name": "src"},
       "spec": {"model": {"name": "llama"}, "selector": {"matchLabels": {"app": "trainer"}}}}
 
 
 def test_weightsource_conditions_follow_the_world(api_client: k8s_client.ApiClient, namespace: str,
-                                                  fast_operator: OperatorProcess) -> None:
+                                                  operator: OperatorProcess) -> None:
     create(api_client, namespace, "weightsources", WS)
     obj = wait_for(lambda: (o := get(api_client, "weightsources", namespace, "src"))
                    .get("status", {}).get("observedGeneration") == 1 and o, what="first reconcile")
@@ -81,15 +39,11 @@ def test_weightsource_conditions_follow_the_world(api_client: k8s_client.ApiClie
     assert cond(obj, "Ready")["reason"] == "NoReadyReplicas"
     assert obj["status"]["readySummary"] == "0/2"
 
-    # An agent writes only its own entry (its own field manager); the operator aggregates.
-    member = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "WeightSource",
-              "metadata": {"name": "src", "namespace": namespace},
-              "status": {"members": [{"pod": "trainer-0", "state": "Ready", "version": "7",
-                                      "fingerprint": "f" * 16, "tensors": 3, "bytes": 3 << 30}]}}
-    k8s_client.CustomObjectsApi(api_client).patch_namespaced_custom_object_status(
-        GROUP, VERSION, namespace, "weightsources", "src", member,
-        field_manager="ferry-agent-trainer-0", force=True,
-        _content_type="application/apply-patch+yaml")
+    # An agent writes only its own entry (its own field manager) and keeps its
+    # Lease; the operator aggregates.
+    info = {"state": "Ready", "version": "7", "fingerprint": "f" * 16, "tensors": 3, "bytes": 3 << 30}
+    reporter = Reporter(Identity("trainer-0", namespace, None, "127.0.0.1:7470"), lambda: info,
+                        api_client, renew_seconds=1).start()
     obj = wait_for(lambda: (o := get(api_client, "weightsources", namespace, "src"))
                    ["status"].get("readyReplicas") == 1 and o, what="readyReplicas=1")
     st = obj["status"]
@@ -104,10 +58,11 @@ def test_weightsource_conditions_follow_the_world(api_client: k8s_client.ApiClie
     obj = wait_for(lambda: (o := get(api_client, "weightsources", namespace, "src"))
                    ["status"].get("observedGeneration") == 2 and o, what="observedGeneration=2")
     assert all(c["observedGeneration"] == 2 for c in obj["status"]["conditions"])
+    reporter.stop()
 
 
 def test_refitjob_reports_missing_source_then_resolves_latest(
-        api_client: k8s_client.ApiClient, namespace: str, fast_operator: OperatorProcess) -> None:
+        api_client: k8s_client.ApiClient, namespace: str, operator: OperatorProcess) -> None:
     create(api_client, namespace, "refitjobs", {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "RefitJob", "metadata": {"name": "job"},
         "spec": {"sourceRef": {"name": "src"}, "targets": {"matchLabels": {"app": "inference"}}}})
@@ -126,22 +81,18 @@ def test_refitjob_reports_missing_source_then_resolves_latest(
     create(api_client, namespace, "weightsources", WS)
     make_pod(api_client, namespace, "trainer-0", {"app": "trainer"})
     wait_for(lambda: get(api_client, "weightsources", namespace, "src").get("status"), what="ws status")
-    k8s_client.CustomObjectsApi(api_client).patch_namespaced_custom_object_status(
-        GROUP, VERSION, namespace, "weightsources", "src",
-        {"apiVersion": f"{GROUP}/{VERSION}", "kind": "WeightSource",
-         "metadata": {"name": "src", "namespace": namespace},
-         "status": {"members": [{"pod": "trainer-0", "state": "Ready", "version": "42",
-                                 "fingerprint": "abc"}]}},
-        field_manager="ferry-agent-trainer-0", force=True,
-        _content_type="application/apply-patch+yaml")
+    info = {"state": "Ready", "version": "42", "fingerprint": "abc"}
+    reporter = Reporter(Identity("trainer-0", namespace, None, "127.0.0.1:7470"), lambda: info,
+                        api_client, renew_seconds=1).start()
     job = wait_for(lambda: (o := get(api_client, "refitjobs", namespace, "job"))
                    ["status"].get("version") and o, what="version resolved")
     assert job["status"]["version"] == "42"
     assert cond(job, "Progressing")["reason"] == "NoTargets"
+    reporter.stop()
 
 
 def test_artifactcache_says_peers_are_trusted(api_client: k8s_client.ApiClient, namespace: str,
-                                              fast_operator: OperatorProcess) -> None:
+                                              operator: OperatorProcess) -> None:
     samples = Path(__file__).resolve().parents[2] / "examples" / "artifactcache.yaml"
     create(api_client, namespace, "artifactcaches", yaml.safe_load(samples.read_text()))
     obj = wait_for(lambda: (o := get(api_client, "artifactcaches", namespace, "llama-8b-inductor"))
@@ -152,16 +103,16 @@ def test_artifactcache_says_peers_are_trusted(api_client: k8s_client.ApiClient, 
     assert cond(obj, "Ready")["reason"] == "NoSource"
 
 
-def test_metrics_count_reconciles(fast_operator: OperatorProcess, api_client: k8s_client.ApiClient,
+def test_metrics_count_reconciles(operator: OperatorProcess, api_client: k8s_client.ApiClient,
                                   namespace: str) -> None:
     create(api_client, namespace, "weightsources", WS)
     wait_for(lambda: get(api_client, "weightsources", namespace, "src").get("status"), what="status")
-    text = fast_operator.metrics()
+    text = operator.metrics()
     ok = [line for line in text.splitlines()
           if line.startswith('ferry_operator_reconciles_total{kind="WeightSource",result="ok"}')]
     assert ok and float(ok[0].split()[-1]) >= 1
     assert 'ferry_operator_reconcile_duration_seconds_count{kind="WeightSource"}' in text
-    assert fast_operator.healthz() == 200
+    assert operator.healthz() == 200
 
 
 class BlackholeProxy:

@@ -1,0 +1,177 @@
+"""Liveness (a coordination.k8s.io Lease) and this replica's own WeightSource entry.
+
+Each agent renews `ferry-agent-<pod>` and server-side-applies only its own
+entry in `status.members` of every WeightSource selecting its pod, under its own
+field manager (`ferry-agent/<pod>`). On shutdown it stops the heartbeat first
+(joining any renewal in flight), then writes Stale and deletes its Lease, and
+refuses every later write: nothing can mark it Ready after it began to stop.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client
+
+from ferry_api import API_VERSION, GROUP, VERSION
+from ferry_api.weightsource import WeightSource, WeightSourceSpec
+
+log = logging.getLogger(__name__)
+APPLY = "application/apply-patch+yaml"
+LEASE_LABEL = "ferry.dev/agent-lease"
+
+# Agent.state -> ReplicaStatus.state
+STATES = {"Ready": "Ready", "Empty": "Loading", "Declared": "Loading", "Writing": "Loading",
+          "Pulling": "Loading"}
+
+
+@dataclass(frozen=True)
+class Identity:
+    pod: str
+    namespace: str
+    node: str | None
+    endpoint: str
+
+
+def _matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    spec = WeightSourceSpec.model_validate({"model": {"name": "x"}, "selector": selector}).selector
+    for key, value in (spec.match_labels or {}).items():
+        if labels.get(key) != value:
+            return False
+    for req in spec.match_expressions or []:
+        has = req.key in labels
+        if req.operator == "Exists" and not has or req.operator == "DoesNotExist" and has:
+            return False
+        if req.operator == "In" and labels.get(req.key) not in (req.values or []):
+            return False
+        if req.operator == "NotIn" and has and labels[req.key] in (req.values or []):
+            return False
+    return True
+
+
+def _stamp(t: dt.datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Reporter:
+    def __init__(self, ident: Identity, info: Callable[[], dict[str, Any]], api: client.ApiClient,
+                 lease_seconds: int = 15, renew_seconds: float = 5.0) -> None:
+        self.ident = ident
+        self.info = info
+        self.api = api
+        self.lease_seconds = lease_seconds
+        self.renew_seconds = renew_seconds
+        self.manager = f"ferry-agent/{ident.pod}"[:128]
+        self.lease_name = f"ferry-agent-{ident.pod}"[:253]
+        self._lock = threading.Lock()  # serializes writes against shutdown
+        self._closing = False
+        self._wake = threading.Event()
+        self._last: dict[str, dict[str, Any]] = {}
+        self._thread: threading.Thread | None = None
+        self.renewals = 0
+
+    # -- lifecycle ---------------------------------------------------------------
+    def start(self) -> Reporter:
+        self._beat()
+        self._thread = threading.Thread(target=self._loop, name="ferry-reporter", daemon=True)
+        self._thread.start()
+        return self
+
+    def poke(self) -> None:
+        """Report now (after a publish or a pull) instead of at the next renewal."""
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            self._closing = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        # Writes below bypass the closing check on purpose: they are the last ones.
+        for ws in self._sources():
+            try:
+                self._apply_entry(ws, {"state": "Stale"})
+            except client.ApiException as exc:
+                log.warning("could not mark %s Stale: %s", ws, exc.reason)
+        try:
+            client.CoordinationV1Api(self.api).delete_namespaced_lease(self.lease_name, self.ident.namespace)
+        except client.ApiException as exc:
+            if exc.status != 404:
+                log.warning("could not release lease: %s", exc.reason)
+
+    # -- loop --------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            self._wake.wait(self.renew_seconds)
+            self._wake.clear()
+            with self._lock:
+                if self._closing:
+                    return
+            try:
+                self._beat()
+            except Exception as exc:  # keep beating; the Lease expiring tells the operator
+                log.warning("heartbeat failed: %s", exc)
+
+    def _beat(self) -> None:
+        with self._lock:
+            if self._closing:
+                return
+            self._renew()
+            entry = self._entry()
+            for ws in self._sources():
+                if self._last.get(ws) != entry or self.renewals % 12 == 0:
+                    self._apply_entry(ws, entry)
+                    self._last[ws] = entry
+            self.renewals += 1
+
+    # -- writes ------------------------------------------------------------------
+    def _renew(self) -> None:
+        body = {
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": self.lease_name, "namespace": self.ident.namespace,
+                         "labels": {LEASE_LABEL: "true"}},
+            "spec": {"holderIdentity": self.ident.pod, "leaseDurationSeconds": self.lease_seconds,
+                     "renewTime": _stamp(dt.datetime.now(dt.UTC))},
+        }
+        client.CoordinationV1Api(self.api).patch_namespaced_lease(
+            self.lease_name, self.ident.namespace, body, field_manager=self.manager, force=True,
+            _content_type=APPLY)
+
+    def _entry(self) -> dict[str, Any]:
+        info = self.info()
+        entry: dict[str, Any] = {"state": STATES.get(info.get("state", ""), "Loading"),
+                                 "endpoint": self.ident.endpoint}
+        if self.ident.node:
+            entry["node"] = self.ident.node
+        for key in ("version", "fingerprint", "tensors", "bytes", "rank"):
+            if info.get(key) not in (None, ""):
+                entry[key] = info[key]
+        return entry
+
+    def _apply_entry(self, ws: str, entry: dict[str, Any]) -> None:
+        body = {"apiVersion": API_VERSION, "kind": WeightSource.KIND,
+                "metadata": {"name": ws, "namespace": self.ident.namespace},
+                "status": {"members": [{"pod": self.ident.pod, **entry}]}}
+        client.CustomObjectsApi(self.api).patch_namespaced_custom_object_status(
+            GROUP, VERSION, self.ident.namespace, WeightSource.PLURAL, ws, body,
+            field_manager=self.manager, force=True, _content_type=APPLY)
+
+    # -- reads -------------------------------------------------------------------
+    def _sources(self) -> list[str]:
+        """WeightSources in the namespace whose selector matches this pod's labels."""
+        core = client.CoreV1Api(self.api)
+        try:
+            labels = core.read_namespaced_pod(self.ident.pod, self.ident.namespace).metadata.labels or {}
+        except client.ApiException as exc:
+            if exc.status == 404:
+                return []
+            raise
+        items = client.CustomObjectsApi(self.api).list_namespaced_custom_object(
+            GROUP, VERSION, self.ident.namespace, WeightSource.PLURAL)["items"]
+        return sorted(i["metadata"]["name"] for i in items
+                      if _matches(i["spec"].get("selector") or {}, labels))
