@@ -7,7 +7,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup lock envtest crds protos generate test unit integration e2e lint demo clean
+.PHONY: setup lock envtest crds protos generate test unit integration e2e lint demo clean chart-test
 
 setup: .venv/.ferry-deps
 
@@ -40,6 +40,11 @@ unit: setup
 
 integration: setup
 	FERRY_ENVTEST_DIR="$$(hack/envtest.sh | tail -n1)" $(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+# helm lint, helm template and a server-side dry-run of charts/ferry against the
+# test control plane (helm is built once by hack/helm.sh; `make test` runs it too).
+chart-test: setup
+	FERRY_ENVTEST_DIR="$$(hack/envtest.sh | tail -n1)" $(PY) -m pytest tests/integration/test_chart.py $(PYTEST_ARGS)
 
 e2e: setup
 	FERRY_ENVTEST_DIR="$$(hack/envtest.sh | tail -n1)" $(PY) -m pytest tests/e2e $(PYTEST_ARGS)

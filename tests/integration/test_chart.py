@@ -27,15 +27,20 @@ FULL = ["--set", "replicaCount=2", "--set", "dashboards.enabled=true"]
 
 @pytest.fixture(scope="session")
 def helm() -> str:
-    done = subprocess.run([str(REPO_ROOT / "hack" / "helm.sh")], capture_output=True, text=True,
-                          timeout=1800)
+    done = subprocess.run(
+        [str(REPO_ROOT / "hack" / "helm.sh")], capture_output=True, text=True, timeout=1800
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return done.stdout.strip().splitlines()[-1]
 
 
 def render(helm: str, *args: str, namespace: str = "ferry-system") -> list[dict[str, Any]]:
-    done = subprocess.run([helm, "template", "ferry", str(CHART), "-n", namespace, *args],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [helm, "template", "ferry", str(CHART), "-n", namespace, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     return [d for d in yaml.safe_load_all(done.stdout) if d]
 
@@ -51,33 +56,79 @@ def operator_container(docs: list[dict]) -> dict:
 
 
 def test_helm_lint_strict(helm: str) -> None:
-    for values in ([], [*FULL, "--set", "webhook.certManager.enabled=true",
-                        "--set", "metrics.serviceMonitor.enabled=true"]):
-        done = subprocess.run([helm, "lint", "--strict", str(CHART), *values],
-                              capture_output=True, text=True, timeout=60)
+    for values in (
+        [],
+        [
+            *FULL,
+            "--set",
+            "webhook.certManager.enabled=true",
+            "--set",
+            "metrics.serviceMonitor.enabled=true",
+        ],
+    ):
+        done = subprocess.run(
+            [helm, "lint", "--strict", str(CHART), *values],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         assert "0 chart(s) failed" in done.stdout
 
 
-def test_rendered_chart_passes_server_side_dry_run(helm: str, kubeconfig: Path,
-                                                   namespace: str) -> None:
-    docs = render(helm, "--include-crds", *FULL,
-                  "--set", f"agent.rbac.bindings[0].namespace={namespace}",
-                  "--set", "agent.rbac.bindings[0].serviceAccount=default",
-                  namespace=namespace)
+def test_rendered_chart_passes_server_side_dry_run(
+    helm: str, kubeconfig: Path, namespace: str
+) -> None:
+    docs = render(
+        helm,
+        "--include-crds",
+        *FULL,
+        "--set",
+        f"agent.rbac.bindings[0].namespace={namespace}",
+        "--set",
+        "agent.rbac.bindings[0].serviceAccount=default",
+        namespace=namespace,
+    )
     kinds = {d["kind"] for d in docs}
-    assert {"CustomResourceDefinition", "ClusterKopfPeering", "StatefulSet", "ClusterRole",
-            "ClusterRoleBinding", "RoleBinding", "ServiceAccount", "Service",
-            "ConfigMap"} <= kinds
+    assert {
+        "CustomResourceDefinition",
+        "ClusterKopfPeering",
+        "StatefulSet",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "RoleBinding",
+        "ServiceAccount",
+        "Service",
+        "ConfigMap",
+    } <= kinds
     # kopf's peering CRDs must exist before the ClusterKopfPeering object can be
     # validated, as Helm does with crds/ (installed first, waited for).
-    crds = "---\n".join(yaml.safe_dump(d) for d in docs if d["kind"] == "CustomResourceDefinition"
-                        and d["spec"]["group"] == "kopf.dev")
+    crds = "---\n".join(
+        yaml.safe_dump(d)
+        for d in docs
+        if d["kind"] == "CustomResourceDefinition" and d["spec"]["group"] == "kopf.dev"
+    )
     kubectl(kubeconfig, "apply", "--server-side", "-f", "-", input=crds, check=True)
-    kubectl(kubeconfig, "wait", "--for=condition=Established", "--timeout=30s",
-            "crd/clusterkopfpeerings.kopf.dev", "crd/kopfpeerings.kopf.dev", check=True)
-    done = kubectl(kubeconfig, "apply", "--server-side", "--dry-run=server", "-n", namespace,
-                   "-f", "-", input="---\n".join(yaml.safe_dump(d) for d in docs))
+    kubectl(
+        kubeconfig,
+        "wait",
+        "--for=condition=Established",
+        "--timeout=30s",
+        "crd/clusterkopfpeerings.kopf.dev",
+        "crd/kopfpeerings.kopf.dev",
+        check=True,
+    )
+    done = kubectl(
+        kubeconfig,
+        "apply",
+        "--server-side",
+        "--dry-run=server",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input="---\n".join(yaml.safe_dump(d) for d in docs),
+    )
     assert done.returncode == 0, done.stderr
     applied = [line for line in done.stdout.splitlines() if "serverside-applied" in line]
     assert len(applied) == len(docs), done.stdout
@@ -101,12 +152,27 @@ def test_operator_workload(helm: str) -> None:
 
 
 def test_agent_settings_reach_every_variable_injection_reads(helm: str) -> None:
-    read = set(re.findall(r'env\.get\("(FERRY_[A-Z_]+)"',
-                          (REPO_ROOT / "operator/ferry_operator/injection.py").read_text()))
+    read = set(
+        re.findall(
+            r'env\.get\("(FERRY_[A-Z_]+)"',
+            (REPO_ROOT / "operator/ferry_operator/injection.py").read_text(),
+        )
+    )
     assert len(read) >= 9
-    env = {e["name"]: e.get("value") for e in operator_container(render(
-        helm, "--set", "agent.rails=stripe", "--set", "agent.shmSize=64Gi",
-        "--set", "agent.image.digest=sha256:" + "a" * 64))["env"]}
+    env = {
+        e["name"]: e.get("value")
+        for e in operator_container(
+            render(
+                helm,
+                "--set",
+                "agent.rails=stripe",
+                "--set",
+                "agent.shmSize=64Gi",
+                "--set",
+                "agent.image.digest=sha256:" + "a" * 64,
+            )
+        )["env"]
+    }
     assert read <= set(env), f"not set by the chart: {sorted(read - set(env))}"
     assert env["FERRY_AGENT_RAILS"] == "stripe"
     assert env["FERRY_AGENT_SHM_SIZE"] == "64Gi"
@@ -135,35 +201,53 @@ def test_cert_manager_mode(helm: str) -> None:
     assert "--webhook-cert-dir=/certs" in sts["containers"][0]["args"]
     vol = next(v for v in sts["volumes"] if v["name"] == "webhook-certs")
     assert vol["secret"]["secretName"] == serving["spec"]["secretName"]
-    own = render(helm, "--set", "webhook.certManager.enabled=true",
-                 "--set", "webhook.certManager.issuerRef.name=corp",
-                 "--set", "webhook.certManager.issuerRef.kind=ClusterIssuer")
+    own = render(
+        helm,
+        "--set",
+        "webhook.certManager.enabled=true",
+        "--set",
+        "webhook.certManager.issuerRef.name=corp",
+        "--set",
+        "webhook.certManager.issuerRef.kind=ClusterIssuer",
+    )
     assert [d["kind"] for d in own if d["kind"] in ("Issuer", "Certificate")] == ["Certificate"]
-    assert find(own, "Certificate")["spec"]["issuerRef"] == {"name": "corp", "kind": "ClusterIssuer"}
+    assert find(own, "Certificate")["spec"]["issuerRef"] == {
+        "name": "corp",
+        "kind": "ClusterIssuer",
+    }
 
 
 def test_crds_survive_upgrades_and_land_first(helm: str) -> None:
     crds = [d for d in render(helm) if d["kind"] == "CustomResourceDefinition"]
     assert {d["metadata"]["name"] for d in crds} == {
-        "weightsources.ferry.dev", "refitjobs.ferry.dev", "artifactcaches.ferry.dev"}
+        "weightsources.ferry.dev",
+        "refitjobs.ferry.dev",
+        "artifactcaches.ferry.dev",
+    }
     for d in crds:
         ann = d["metadata"]["annotations"]
         assert ann["helm.sh/resource-policy"] == "keep"
         assert int(ann["argocd.argoproj.io/sync-wave"]) < 0
-    assert not [d for d in render(helm, "--set", "crds.install=false")
-                if d["kind"] == "CustomResourceDefinition"]
+    assert not [
+        d
+        for d in render(helm, "--set", "crds.install=false")
+        if d["kind"] == "CustomResourceDefinition"
+    ]
 
 
 def test_service_monitor_and_dashboard(helm: str) -> None:
-    docs = render(helm, "--set", "metrics.serviceMonitor.enabled=true",
-                  "--set", "dashboards.enabled=true")
+    docs = render(
+        helm, "--set", "metrics.serviceMonitor.enabled=true", "--set", "dashboards.enabled=true"
+    )
     sm = find(docs, "ServiceMonitor")
     svc = find(docs, "Service", "-metrics")
     assert sm["spec"]["endpoints"][0]["port"] == svc["spec"]["ports"][0]["name"]
     assert sm["spec"]["selector"]["matchLabels"].items() <= svc["spec"]["selector"].items()
     cm = find(docs, "ConfigMap", "-dashboard")
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert cm["data"]["ferry.json"] == (CHART / "dashboards" / "ferry.json").read_text().rstrip("\n")
+    assert cm["data"]["ferry.json"] == (CHART / "dashboards" / "ferry.json").read_text().rstrip(
+        "\n"
+    )
 
 
 def test_argocd_health_snippet_carries_the_lua(helm: str) -> None:
@@ -186,11 +270,13 @@ def _granted(role: dict) -> set[tuple]:
 
 
 @pytest.mark.parametrize("replicas,webhook", [(1, True), (2, True), (1, False)])
-def test_chart_rbac_is_exactly_the_permissions_table(helm: str, replicas: int,
-                                                     webhook: bool) -> None:
+def test_chart_rbac_is_exactly_the_permissions_table(
+    helm: str, replicas: int, webhook: bool
+) -> None:
     docs = render(helm, "--set", f"replicaCount={replicas}", "--set", f"webhook.enabled={webhook}")
     enabled = frozenset({"peering"} if replicas > 1 else set()) | (
-        {"webhook"} if webhook else set())
+        {"webhook"} if webhook else set()
+    )
     op = _granted(find(docs, "ClusterRole", "-operator"))
     want = rbac.rules(rbac.OPERATOR, enabled)
     assert op == want, f"extra: {sorted(op - want)}; missing: {sorted(want - op)}"
