@@ -53,6 +53,12 @@ OPERATOR: tuple[Permission, ...] = (
         )
         for k in KINDS
     ),
+    Permission(
+        FERRY,
+        "refitjobs",
+        ("delete",),
+        "finished RefitJobs past ttlSecondsAfterFinished are deleted (kube.delete_object)",
+    ),
     Permission("", "pods", ("list",), "selectors resolve to pods (kube.list_pods)"),
     Permission(
         COORD,
@@ -106,25 +112,32 @@ AGENT: tuple[Permission, ...] = (
     Permission(
         COORD,
         "leases",
-        ("get", "create", "update", "patch", "delete"),
-        "each agent's liveness Lease (labelled ferry.dev/agent-lease)",
-        via="design",
+        ("create", "patch", "delete"),
+        "each agent's liveness Lease (labelled ferry.dev/agent-lease): server-side apply "
+        "creates and renews it, shutdown deletes it (k8s/reporter.py)",
+    ),
+    Permission(
+        FERRY,
+        "weightsources/status",
+        ("patch",),
+        "server-side apply of the agent's own member entry, one field manager per pod",
     ),
     *(
         Permission(
             FERRY,
             f"{k}/status",
             ("patch",),
-            "server-side apply of the agent's own per-pod entry (one field manager per pod)",
+            "the agent's own per-pod entry in RefitJob and ArtifactCache status",
             via="design",
         )
-        for k in KINDS
+        for k in ("refitjobs", "artifactcaches")
     ),
+    Permission(FERRY, "weightsources", ("list",), "which WeightSources select this pod"),
     Permission(
         FERRY,
         "weightsources",
-        ("get", "list", "watch"),
-        "a target finds its source's endpoints",
+        ("get", "watch"),
+        "a target follows its source's endpoints",
         via="design",
     ),
     Permission(
@@ -134,7 +147,7 @@ AGENT: tuple[Permission, ...] = (
         "a target learns which version to pull",
         via="design",
     ),
-    Permission("", "pods", ("get",), "the agent reads its own pod (labels, owner)", via="design"),
+    Permission("", "pods", ("get",), "the agent reads its own pod's labels"),
 )
 
 
