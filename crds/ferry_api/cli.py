@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, str] = {
     "agent": "ferry_agent.cli",
     "artifact": "ferry_agent.artifacts.cli",
     "bench": "ferry_agent.bench.cli",
+    "dev": "ferry_operator.dev.cli",
     "crds": "ferry_api.generate",
 }
 

@@ -6,8 +6,9 @@ from datetime import datetime, timedelta
 from functools import cache
 from typing import Any
 
-from ferry_api import API_VERSION, GROUP, VERSION
 from kubernetes import client, config
+
+from ferry_api import API_VERSION, GROUP, VERSION
 
 OPERATOR_MANAGER = "ferry-operator"
 APPLY = "application/apply-patch+yaml"
@@ -65,6 +66,15 @@ def live_agents(namespace: str, now: datetime) -> set[str]:
         if spec.renew_time + timedelta(seconds=spec.lease_duration_seconds or 0) > now:
             live.add(spec.holder_identity)
     return live
+
+
+def delete_object(plural: str, namespace: str, name: str) -> None:
+    try:
+        custom().delete_namespaced_custom_object(GROUP, VERSION, namespace, plural, name,
+                                                 propagation_policy="Background")
+    except client.ApiException as exc:
+        if exc.status != 404:
+            raise
 
 
 def list_pods(namespace: str, label_selector: str) -> list[Any]:

@@ -8,13 +8,18 @@ import os
 from typing import Any
 
 import kopf
+
 from ferry_api import GROUP, VERSION
 
 from . import health, injection, reconcile
+from .handlers.refitjob import TERMINAL
 
 RESYNC_SECONDS = float(os.environ.get("FERRY_RESYNC_SECONDS", "30"))
 # WeightSources are re-checked faster: an agent whose Lease expired must show
 # Stale within one lease duration (15 s by default, 3 s at least).
+# Running RefitJobs are re-checked every second: agents report into status and
+# wait for the next assignment.
+JOB_CHECK_SECONDS = float(os.environ.get("FERRY_JOB_CHECK_SECONDS", "1"))
 LEASE_CHECK_SECONDS = min(RESYNC_SECONDS, float(os.environ.get("FERRY_LEASE_CHECK_SECONDS", "2")))
 HEALTH_PORT = int(os.environ.get("FERRY_HEALTH_PORT", "8080"))
 CANARY_SECONDS = float(os.environ.get("FERRY_CANARY_SECONDS", "10"))
@@ -92,3 +97,12 @@ if WEBHOOK_PORT:
         if new is not None:
             for key in ("initContainers", "containers", "volumes"):
                 patch.spec[key] = new[key]
+
+
+def _running(status: kopf.Status, **_: Any) -> bool:
+    return status.get("phase") not in TERMINAL
+
+
+kopf.timer(GROUP, VERSION, "refitjobs", id="progress", interval=JOB_CHECK_SECONDS,
+           when=_running)(reconcile.refitjob_)
+kopf.on.delete(GROUP, VERSION, "refitjobs", id="cancel")(reconcile.refitjob_deleted)

@@ -43,3 +43,40 @@ def reconcile_timer(kind: str) -> Iterator[dict[str, str]]:
     finally:
         RECONCILE_SECONDS.labels(kind).observe(time.perf_counter() - start)
         RECONCILES.labels(kind, outcome["result"]).inc()
+
+REFITJOBS = Gauge(
+    "ferry_operator_refitjobs",
+    "RefitJobs known to this operator, by phase.",
+    ["phase"],
+)
+REFIT_TARGETS = Counter(
+    "ferry_operator_refit_targets_total",
+    "Targets that finished an attempt, by outcome (Done, Failed) and reason.",
+    ["outcome", "reason"],
+)
+REFIT_BYTES = Counter(
+    "ferry_operator_refit_bytes_total",
+    "Bytes moved into targets by finished RefitJobs.",
+)
+REFIT_JOB_THROUGHPUT = Histogram(
+    "ferry_operator_refitjob_throughput_gbps",
+    "Aggregate throughput of finished RefitJobs (bytes moved / wall time), GB/s.",
+    buckets=(0.1, 0.5, 1, 2, 5, 10, 25, 50, 100, 200, 400, 800),
+)
+STALE_REPLICAS = Gauge(
+    "ferry_operator_stale_replicas",
+    "WeightSource replicas currently Stale (Lease expired or shut down).",
+    ["namespace", "weightsource"],
+)
+
+_job_phases: dict[str, str] = {}
+
+
+def observe_job_phase(uid: str, phase: str | None) -> None:
+    """Track each job's phase (None: deleted) and refresh the by-phase gauge."""
+    if phase is None:
+        _job_phases.pop(uid, None)
+    else:
+        _job_phases[uid] = phase
+    for p in ("Pending", "Running", "Succeeded", "Failed"):
+        REFITJOBS.labels(p).set(sum(1 for v in _job_phases.values() if v == p))

@@ -12,11 +12,12 @@ from collections.abc import Callable
 from typing import Any
 
 import kopf
+from pydantic import ValidationError
+
 from ferry_api.artifactcache import ArtifactCacheSpec
 from ferry_api.meta import now
 from ferry_api.refitjob import RefitJobSpec
 from ferry_api.weightsource import WeightSource, WeightSourceSpec
-from pydantic import ValidationError
 
 from . import kube, metrics
 from .conditions import Cond, set_conditions, transitions
@@ -74,15 +75,65 @@ def weightsource_(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
 
 
 def refitjob_(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
-    ns = body["metadata"]["namespace"]
+    meta = body["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    if meta.get("deletionTimestamp"):
+        return
+    old_status = dict(body.get("status") or {})
+    decision: dict[str, refitjob.Decision] = {}
 
     def compute(spec: RefitJobSpec, status: dict, generation: int) -> dict:
-        source = kube.get_object(WeightSource.PLURAL, ns, spec.source_ref.name)
-        targets = _pod_names(ns, spec.targets.to_label_selector())
-        return refitjob.compute_status(spec, status, generation, source, targets, now())
+        pods = kube.list_pods(ns, spec.targets.to_label_selector())
+        world = refitjob.World(
+            source=kube.get_object(WeightSource.PLURAL, ns, spec.source_ref.name),
+            targets={p.metadata.name: p.spec.node_name for p in pods
+                     if p.metadata.deletion_timestamp is None},
+            live=kube.live_agents(ns, now()),
+            now=now(),
+            created=refitjob.parse_time(meta["creationTimestamp"]) or now(),
+        )
+        decision["d"] = refitjob.compute_status(spec, status, generation, world)
+        return decision["d"].status
 
     _run(refitjob.KIND, refitjob.PLURAL, body, logger, compute, RefitJobSpec,
          ["Progressing", "Complete", "Failed"])
+    d = decision.get("d")
+    if d is None:
+        return
+    metrics.observe_job_phase(meta["uid"], d.status["phase"])
+    for pod, upstream in d.assigned.items():
+        logger.info("assigned %s <- %s", pod, ",".join(upstream))
+    if d.status["phase"] in refitjob.TERMINAL and old_status.get("phase") not in refitjob.TERMINAL:
+        _count_finished(d.status, old_status)
+    if d.delete:
+        logger.info("deleting %s/%s: ttlSecondsAfterFinished passed", ns, name)
+        kube.delete_object(refitjob.PLURAL, ns, name)
+
+
+def _count_finished(status: dict, old: dict) -> None:
+    for entry in old.get("targets") or []:
+        outcome = entry.get("phase") or "Unknown"
+        metrics.REFIT_TARGETS.labels(outcome, entry.get("reason") or "").inc()
+    metrics.REFIT_BYTES.inc(status.get("bytesDone") or 0)
+    start, end = (refitjob.parse_time(status.get(k)) for k in ("startTime", "completionTime"))
+    if start and end and end > start and status.get("bytesDone"):
+        metrics.REFIT_JOB_THROUGHPUT.observe(status["bytesDone"] / (end - start).total_seconds() / 1e9)
+
+
+def refitjob_deleted(body: kopf.Body, logger: logging.Logger, runtime: Any, **_: Any) -> None:
+    """Finalizer: a running job's targets see the deletion and cancel their pulls;
+    release once none is pulling (or after 30 s, so a dead agent cannot pin it)."""
+    metrics.observe_job_phase(body["metadata"]["uid"], None)
+    status = body.get("status") or {}
+    if status.get("phase") in refitjob.TERMINAL:
+        return
+    pulling = [e["pod"] for e in status.get("targets") or []
+               if refitjob.target_phase(e, 1 << 30) in ("Assigned", "Pulling")]
+    if pulling and runtime.total_seconds() < 30:
+        raise kopf.TemporaryError(f"waiting for {len(pulling)} target(s) to cancel: {', '.join(pulling[:5])}",
+                                  delay=1)
+    if pulling:
+        logger.warning("released %s with targets still pulling: %s", body["metadata"]["name"], pulling)
 
 
 def artifactcache_(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:

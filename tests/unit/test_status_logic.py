@@ -5,10 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from ferry_api.artifactcache import ArtifactCacheSpec
-from ferry_api.refitjob import RefitJobSpec
 from ferry_api.weightsource import WeightSourceSpec
 from ferry_operator.conditions import Cond, human_bytes, set_conditions, transitions
-from ferry_operator.handlers import artifactcache, refitjob, weightsource
+from ferry_operator.handlers import artifactcache, weightsource
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 WS = WeightSourceSpec.model_validate({"model": {"name": "m"}, "selector": {"matchLabels": {"a": "b"}}})
@@ -60,24 +59,6 @@ def test_weightsource_stale_replica_degrades() -> None:
     st = weightsource.compute_status(WS, status, 1, ["p0", "p1"], T0)
     assert cond(st, "Ready")["status"] == "True"
     assert cond(st, "Degraded")["reason"] == "ReplicasStale"
-
-
-RJ = RefitJobSpec.model_validate({"sourceRef": {"name": "src"}, "targets": {"matchLabels": {"x": "y"}}})
-
-
-def test_refitjob_latest_resolves_once() -> None:
-    source = {"status": {"version": "5", "conditions": [{"type": "Ready", "status": "True"}]}}
-    st = refitjob.compute_status(RJ, {}, 1, source, ["t0"], T0)
-    assert st["version"] == "5" and cond(st, "Progressing")["reason"] == "Pending"
-    source["status"]["version"] = "6"
-    again = refitjob.compute_status(RJ, st, 1, source, ["t0"], T0)
-    assert again["version"] == "5", "a job moves the version it resolved at creation"
-
-
-def test_refitjob_source_missing() -> None:
-    st = refitjob.compute_status(RJ, {}, 1, None, [], T0)
-    assert cond(st, "Progressing")["reason"] == "SourceNotFound" and "version" not in st
-    assert st["phase"] == "Pending" and cond(st, "Failed")["status"] == "False"
 
 
 def test_artifactcache_trust_modes() -> None:

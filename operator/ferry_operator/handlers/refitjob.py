@@ -1,49 +1,206 @@
-"""RefitJob: resolve the version, find targets, report honest initial conditions."""
+"""RefitJob: resolve the version, assign sources to targets, aggregate progress.
+
+Per-target entries are shared by two server-side-apply managers: the operator
+owns `source` and `attempts` (the assignment), the target's agent owns the rest
+and says which attempt it describes (`observedAttempt`). A new attempt is
+assigned by bumping `attempts`; the agent notices and pulls again.
+"""
 
 from __future__ import annotations
 
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from ferry_api.refitjob import RefitJob, RefitJobSpec
 
-from ..conditions import Cond, is_true, set_conditions
+from ..conditions import Cond, human_bytes, is_true, set_conditions
+from ..planner import Peer, TargetState, plan
 
 KIND, PLURAL = RefitJob.KIND, RefitJob.PLURAL
+TERMINAL = ("Succeeded", "Failed")
 
 
-def compute_status(spec: RefitJobSpec, status: dict[str, Any], generation: int,
-                   source: dict[str, Any] | None, targets: list[str], now: datetime) -> dict[str, Any]:
-    src_status = (source or {}).get("status") or {}
-    out: dict[str, Any] = {"observedGeneration": generation}
-    version = status.get("version")
-    if version is None and spec.version != "latest":
-        version = spec.version
-    if version is None and src_status.get("version"):
-        # `latest` resolves once, at the first reconcile that sees a versioned source.
-        version = src_status["version"]
-    if version is not None:
-        out["version"] = version
-    out["phase"] = status.get("phase") or "Pending"
-    out["targetsSummary"] = f"0/{len(targets)}"
+@dataclass(frozen=True)
+class World:
+    """What one reconcile read: the source object, the target pods (name -> node),
+    the pods whose agent Lease is fresh, and the clock."""
 
-    name = spec.source_ref.name
-    if source is None:
-        progressing = Cond("Progressing", False, "SourceNotFound",
-                           f"WeightSource {name!r} not found in this namespace; create it or fix spec.sourceRef.name")
-    elif not is_true(src_status.get("conditions"), "Ready"):
-        progressing = Cond("Progressing", False, "SourceNotReady",
-                           f"WeightSource {name!r} has no Ready replica")
-    elif not targets:
-        progressing = Cond("Progressing", False, "NoTargets",
-                           f"no pods match spec.targets ({spec.targets.to_label_selector()})")
-    else:
-        progressing = Cond("Progressing", False, "Pending",
-                           f"{len(targets)} target(s) waiting for assignment")
-    wanted = [
-        progressing,
-        Cond("Complete", False, "NotStarted", ""),
-        Cond("Failed", False, "AsExpected", ""),
+    source: dict[str, Any] | None
+    targets: dict[str, str | None]
+    live: set[str]
+    now: datetime
+    created: datetime
+
+
+@dataclass
+class Decision:
+    status: dict[str, Any]
+    delete: bool = False
+    assigned: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+def parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _stamp(t: datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def target_phase(entry: dict[str, Any], backoff_limit: int) -> str:
+    """The effective phase of a target from its shared entry."""
+    attempts = entry.get("attempts") or 0
+    if attempts == 0:
+        return "Pending"
+    if (entry.get("observedAttempt") or 0) < attempts:
+        return "Assigned"
+    phase = entry.get("phase") or "Assigned"
+    if phase == "Failed" and attempts <= backoff_limit:
+        return "Retry"
+    return phase
+
+
+def ready_sources(source: dict[str, Any], version: str | None, live: set[str]) -> list[Peer]:
+    status = source.get("status") or {}
+    return [
+        Peer(m["pod"], m.get("node"))
+        for m in status.get("members") or []
+        if m.get("state") == "Ready" and m.get("pod") in live and m.get("endpoint")
+        and (version is None or m.get("version") == version)
+        and m.get("fingerprint") == status.get("fingerprint")
     ]
-    out["conditions"] = set_conditions(status.get("conditions"), wanted, generation, now)
-    return out
+
+
+def compute_status(spec: RefitJobSpec, status: dict[str, Any], generation: int, world: World) -> Decision:
+    src_status = (world.source or {}).get("status") or {}
+    out: dict[str, Any] = {"observedGeneration": generation}
+    phase = status.get("phase") or "Pending"
+    start = parse_time(status.get("startTime")) or world.now
+    out["startTime"] = _stamp(start)
+    version = status.get("version") or (None if spec.version == "latest" else spec.version)
+    if version is None and src_status.get("version") and is_true(src_status.get("conditions"), "Ready"):
+        version = src_status["version"]  # `latest` resolves once, then sticks
+    if version:
+        out["version"] = version
+    if status.get("fingerprint") or src_status.get("fingerprint"):
+        out["fingerprint"] = status.get("fingerprint") or src_status.get("fingerprint")
+
+    entries = {e["pod"]: e for e in status.get("targets") or []}
+    names = sorted(set(world.targets) | {p for p, e in entries.items() if e.get("attempts")})
+    phases = {p: target_phase(entries.get(p, {}), spec.backoff_limit) for p in names}
+    done = [p for p in names if phases[p] == "Done"]
+    failed = [p for p in names if phases[p] == "Failed"]
+    per_target = src_status.get("bytes") or 0
+    bytes_done = sum(
+        (entries[p].get("bytes") or 0) if phases[p] != "Done" else max(entries[p].get("bytes") or 0, per_target)
+        for p in names if p in entries)
+
+    # Operator-owned part of each entry: keep every assignment made so far.
+    own = {p: {"pod": p, "source": e["source"], "attempts": e["attempts"]}
+           for p, e in entries.items() if e.get("attempts")}
+    assigned: dict[str, tuple[str, ...]] = {}
+    conds: list[Cond]
+    completion = status.get("completionTime")
+
+    if phase in TERMINAL:
+        conds = _terminal_conditions(status)
+    elif world.now >= start + timedelta(seconds=spec.timeout_seconds):
+        phase, completion = "Failed", _stamp(world.now)
+        conds = [Cond("Progressing", False, "DeadlineExceeded", ""),
+                 Cond("Complete", False, "DeadlineExceeded", ""),
+                 Cond("Failed", True, "DeadlineExceeded",
+                      f"not finished within spec.timeoutSeconds={spec.timeout_seconds}: "
+                      f"{len(done)}/{len(names)} targets done")]
+    elif names and len(done) + len(failed) == len(names):
+        completion = _stamp(world.now)
+        if failed:
+            phase = "Failed"
+            why = "; ".join(f"{p}: {entries[p].get('reason') or 'Failed'}" for p in failed[:5])
+            reason = _common_reason([entries[p].get("reason") for p in failed]) or "TargetsFailed"
+            conds = [Cond("Progressing", False, "Finished", ""),
+                     Cond("Complete", False, reason, ""),
+                     Cond("Failed", True, reason,
+                          f"{len(failed)}/{len(names)} targets failed after spec.backoffLimit={spec.backoff_limit} retries: {why}")]
+        else:
+            phase = "Succeeded"
+            conds = [Cond("Progressing", False, "Finished", ""),
+                     Cond("Complete", True, "AllTargetsDone",
+                          f"{len(done)} target(s) hold version {version}"),
+                     Cond("Failed", False, "AsExpected", "")]
+    elif world.source is None:
+        conds = _waiting(Cond("Progressing", False, "SourceNotFound",
+                              f"WeightSource {spec.source_ref.name!r} not found in this namespace; "
+                              "create it or fix spec.sourceRef.name"))
+    elif not version:
+        conds = _waiting(Cond("Progressing", False, "SourceNotReady",
+                              f"WeightSource {spec.source_ref.name!r} has no Ready replica"))
+    elif not names:
+        conds = _waiting(Cond("Progressing", False, "NoTargets",
+                              f"no pods match spec.targets ({spec.targets.to_label_selector()})"))
+    else:
+        sources = ready_sources(world.source, version, world.live)
+        states = [_state(p, entries.get(p, {}), phases[p], world.targets.get(p)) for p in names]
+        plan_ = plan(spec.strategy.type, sources, states, spec.strategy.max_fan_out,
+                     spec.strategy.parallel_sources)
+        for pod, upstream in plan_.assign.items():
+            attempts = (entries.get(pod, {}).get("attempts") or 0) + 1
+            own[pod] = {"pod": pod, "source": ",".join(upstream), "attempts": attempts}
+            assigned[pod] = upstream
+        phase = "Running"
+        waiting = len(plan_.waiting) + len(plan_.exhausted)
+        msg = f"{len(done)}/{len(names)} targets done"
+        if waiting:
+            msg += f", {waiting} waiting for a free source"
+        conds = [Cond("Progressing", True, "Transferring", msg),
+                 Cond("Complete", False, "InProgress", ""),
+                 Cond("Failed", False, "AsExpected", "")]
+
+    out["phase"] = phase
+    if completion:
+        out["completionTime"] = completion
+    out["targetsSummary"] = f"{len(done)}/{len(names)}"
+    if per_target:
+        out["bytesTotal"] = per_target * len(names)
+    out["bytesDone"] = bytes_done
+    end = parse_time(completion) or world.now
+    elapsed = (end - start).total_seconds()
+    if bytes_done and elapsed > 0:
+        out["throughput"] = f"{bytes_done / elapsed / 1e9:.2f}GB/s"
+    if status.get("phase") in TERMINAL:
+        # A finished job's numbers are frozen at completion.
+        for key in ("bytesTotal", "bytesDone", "throughput"):
+            if key in status:
+                out[key] = status[key]
+    if own:
+        out["targets"] = [own[p] for p in sorted(own)]
+    out["conditions"] = set_conditions(status.get("conditions"), conds, generation, world.now)
+    delete = bool(completion and spec.ttl_seconds_after_finished is not None
+                  and world.now >= parse_time(completion) + timedelta(seconds=spec.ttl_seconds_after_finished))
+    return Decision(out, delete, assigned)
+
+
+def _state(pod: str, entry: dict[str, Any], phase: str, node: str | None) -> TargetState:
+    sources = tuple(s for s in (entry.get("source") or "").split(",") if s)
+    failed = frozenset(sources) if phase == "Retry" else frozenset()
+    return TargetState(pod, node, "Pending" if phase == "Retry" else phase, sources, failed)
+
+
+def _waiting(progressing: Cond) -> list[Cond]:
+    return [progressing, Cond("Complete", False, "NotStarted", ""), Cond("Failed", False, "AsExpected", "")]
+
+
+def _terminal_conditions(status: dict[str, Any]) -> list[Cond]:
+    return [Cond(c["type"], {"True": True, "False": False}.get(c["status"]), c["reason"], c.get("message", ""))
+            for c in status.get("conditions") or [] if c["type"] in ("Progressing", "Complete", "Failed")]
+
+
+def _common_reason(reasons: list[str | None]) -> str | None:
+    distinct = {r for r in reasons if r}
+    return distinct.pop() if len(distinct) == 1 else None
+
+
+def size(n: int | None) -> str | None:
+    return human_bytes(n)

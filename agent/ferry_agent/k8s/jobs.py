@@ -1,0 +1,198 @@
+"""Carry out this pod's RefitJob assignments and report progress in its own entry.
+
+The operator assigns by bumping `attempts` in the job's per-target entry for
+this pod; the agent pulls from the named upstream pods and writes `phase`,
+`bytes`, `reason`, `observedAttempt` and its `endpoint` into the same entry
+under its own field manager (server-side apply). Progress writes are
+rate-limited; nothing per chunk reaches the CR.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client
+
+from ferry_api import API_VERSION, GROUP, VERSION
+from ferry_api.refitjob import RefitJob
+from ferry_api.weightsource import WeightSource
+
+from ..errors import FerryError
+from .reporter import APPLY, Identity
+
+log = logging.getLogger(__name__)
+TERMINAL = ("Succeeded", "Failed")
+
+
+class UpstreamNotReady(FerryError):
+    reason = "UpstreamNotReady"
+
+
+@dataclass
+class Attempt:
+    job: str
+    uid: str
+    number: int
+    thread: threading.Thread
+    cancel: threading.Event
+
+
+class JobRunner:
+    def __init__(self, agent: Any, ident: Identity, api: client.ApiClient, poll_s: float = 0.5,
+                 progress_interval_s: float = 1.0, on_done: Callable[[], None] | None = None) -> None:
+        self.agent = agent
+        self.ident = ident
+        self.api = api
+        self.poll_s = poll_s
+        self.progress_interval_s = progress_interval_s
+        self.on_done = on_done
+        self.manager = f"ferry-agent/{ident.pod}"[:128]
+        self._stop = threading.Event()
+        self._current: Attempt | None = None
+        self._seen: dict[str, int] = {}  # job uid -> highest attempt started here
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> JobRunner:
+        self._thread = threading.Thread(target=self._loop, name="ferry-jobs", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._current is not None:
+            self._current.cancel.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- watching ----------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self._tick()
+            except Exception as exc:
+                log.warning("refit job check failed: %s", exc)
+
+    def _jobs(self) -> list[dict[str, Any]]:
+        return client.CustomObjectsApi(self.api).list_namespaced_custom_object(
+            GROUP, VERSION, self.ident.namespace, RefitJob.PLURAL)["items"]
+
+    def _tick(self) -> None:
+        cur = self._current
+        if cur is not None and not cur.thread.is_alive():
+            self._current = cur = None
+        for job in self._jobs():
+            meta, status = job["metadata"], job.get("status") or {}
+            entry = next((e for e in status.get("targets") or [] if e.get("pod") == self.ident.pod), None)
+            if entry is None:
+                continue
+            over = meta.get("deletionTimestamp") or status.get("phase") in TERMINAL
+            if cur is not None and cur.uid == meta["uid"]:
+                if over or (entry.get("attempts") or 0) > cur.number:
+                    cur.cancel.set()  # job deleted or failed, or re-assigned under us
+                continue
+            attempts = entry.get("attempts") or 0
+            done = max(self._seen.get(meta["uid"], 0), entry.get("observedAttempt") or 0)
+            if over or attempts <= done or cur is not None:
+                continue
+            self._seen[meta["uid"]] = attempts
+            cancel = threading.Event()
+            thread = threading.Thread(target=self._attempt, args=(job, entry, attempts, cancel),
+                                      name=f"ferry-pull-{meta['name']}", daemon=True)
+            self._current = cur = Attempt(meta["name"], meta["uid"], attempts, thread, cancel)
+            thread.start()
+
+    # -- one attempt -------------------------------------------------------------
+    def _attempt(self, job: dict[str, Any], entry: dict[str, Any], number: int,
+                 cancel: threading.Event) -> None:
+        name, spec, status = job["metadata"]["name"], job["spec"], job.get("status") or {}
+        started = time.monotonic()
+        report = {"observedAttempt": number, "endpoint": self.ident.endpoint}
+        try:
+            self._write(name, {**report, "phase": "Pulling", "bytes": 0})
+            upstream = [p for p in (entry.get("source") or "").split(",") if p]
+            deadline = started + max(1.0, _remaining(status, spec))
+            endpoints = self._endpoints(name, spec, upstream, cancel, deadline)
+            pause = spec.get("pause") or {}
+            result = self.agent.pull(
+                endpoints,
+                version=status.get("version"),
+                timeout_s=max(1.0, deadline - time.monotonic()),
+                chunk_bytes=(spec.get("strategy") or {}).get("chunkBytes"),
+                quiesce=pause.get("mode", "engine") != "none",
+                quiesce_timeout_s=float(pause.get("timeoutSeconds", 30)),
+            )
+            if cancel.is_set():
+                raise _Cancelled("the job was deleted or re-assigned during the pull")
+            self._write(name, {**report, "phase": "Done", "bytes": int(result.bytes),
+                               "seconds": round(time.monotonic() - started, 3)})
+            log.info("refit %s attempt %d: %d bytes from %s in %.2fs", name, number, result.bytes,
+                     ",".join(upstream), time.monotonic() - started)
+        except FerryError as exc:
+            log.warning("refit %s attempt %d failed: %s: %s", name, number, exc.reason, exc.message)
+            self._fail(name, report, exc.reason, exc.message)
+        except Exception as exc:  # an unexpected error must still end the attempt visibly
+            log.exception("refit %s attempt %d crashed", name, number)
+            self._fail(name, report, "AgentError", f"{type(exc).__name__}: {exc}")
+        finally:
+            if self.on_done:
+                self.on_done()
+
+    def _fail(self, job: str, report: dict[str, Any], reason: str, message: str) -> None:
+        try:
+            self._write(job, {**report, "phase": "Failed", "reason": reason, "message": message[:1000]})
+        except client.ApiException as exc:
+            if exc.status != 404:  # a deleted job needs no report
+                raise
+
+    def _endpoints(self, job: str, spec: dict[str, Any], pods: list[str], cancel: threading.Event,
+                   deadline: float) -> list[str]:
+        """Upstream pods to gRPC endpoints: source replicas from the WeightSource, relays
+        (other targets) from this job's entries once they are Done."""
+        api = client.CustomObjectsApi(self.api)
+        while True:
+            ws = api.get_namespaced_custom_object(GROUP, VERSION, self.ident.namespace, WeightSource.PLURAL,
+                                                  spec["sourceRef"]["name"])
+            rj = api.get_namespaced_custom_object(GROUP, VERSION, self.ident.namespace, RefitJob.PLURAL, job)
+            members = {m["pod"]: m for m in (ws.get("status") or {}).get("members") or []}
+            targets = {t["pod"]: t for t in (rj.get("status") or {}).get("targets") or []}
+            out, missing = [], []
+            for pod in pods:
+                if pod in members and members[pod].get("endpoint"):
+                    out.append(members[pod]["endpoint"])
+                elif pod in targets and targets[pod].get("phase") == "Done" and targets[pod].get("endpoint"):
+                    out.append(targets[pod]["endpoint"])
+                else:
+                    missing.append(pod)
+            if not missing:
+                return out
+            if cancel.is_set() or time.monotonic() > deadline:
+                raise UpstreamNotReady(f"upstream not serving: {', '.join(missing)}")
+            time.sleep(self.poll_s)  # a relay upstream that is still pulling
+
+    def _write(self, job: str, fields: dict[str, Any]) -> None:
+        body = {"apiVersion": API_VERSION, "kind": RefitJob.KIND,
+                "metadata": {"name": job, "namespace": self.ident.namespace},
+                "status": {"targets": [{"pod": self.ident.pod, **fields}]}}
+        client.CustomObjectsApi(self.api).patch_namespaced_custom_object_status(
+            GROUP, VERSION, self.ident.namespace, RefitJob.PLURAL, job, body,
+            field_manager=self.manager, force=True, _content_type=APPLY)
+
+
+class _Cancelled(FerryError):
+    reason = "Cancelled"
+
+
+def _remaining(status: dict[str, Any], spec: dict[str, Any]) -> float:
+    from datetime import UTC, datetime
+
+    start = status.get("startTime")
+    timeout = float(spec.get("timeoutSeconds", 600))
+    if not start:
+        return timeout
+    began = datetime.fromisoformat(start.replace("Z", "+00:00"))
+    return timeout - (datetime.now(UTC) - began).total_seconds()

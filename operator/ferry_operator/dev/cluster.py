@@ -1,0 +1,216 @@
+"""A local cluster that behaves like the real thing for Ferry: a real control plane,
+the operator with its webhook, pods bound to (fake) nodes and marked Running,
+and for each pod its agent as a local process with that pod's identity — this
+harness stands in for the kubelet. Source engines load deterministic weights
+through the engine client, the way a trainer would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client as k8s_client
+from kubernetes import config as k8s_config
+
+from .controlplane import ControlPlane, free_port
+
+NODE_PREFIX = "dev-node-"
+
+
+@dataclass
+class AgentProc:
+    pod: str
+    role: str  # source | target
+    proc: subprocess.Popen
+    endpoint: str
+    socket: str
+    log: Path
+
+
+@dataclass
+class DevCluster:
+    workdir: Path
+    sources: int = 1
+    targets: int = 3
+    namespace: str = "default"
+    memory: str = "host"
+    nodes: int = 2
+    lease_seconds: int = 6
+    renew_seconds: float = 1.0
+    cp: ControlPlane | None = None
+    operator: subprocess.Popen | None = None
+    agents: dict[str, AgentProc] = field(default_factory=dict)
+    token_file: Path = Path()
+
+    # -- lifecycle ----------------------------------------------------------------
+    def up(self) -> DevCluster:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.cp = ControlPlane(workdir=self.workdir / "controlplane").start()
+        self.cp.install_crds()
+        self.token_file = self.workdir / "token"
+        self.token_file.write_text(hashlib.sha256(os.urandom(32)).hexdigest())
+        self.token_file.chmod(0o600)
+        self.start_operator()
+        api = self.api()
+        core = k8s_client.CoreV1Api(api)
+        if self.namespace != "default":
+            core.create_namespace({"metadata": {"name": self.namespace}})
+        for sa in core.list_namespaced_service_account(self.namespace).items:
+            if sa.metadata.name == "default":
+                break
+        else:
+            core.create_namespaced_service_account(self.namespace, {"metadata": {"name": "default"}})
+        for i in range(self.nodes):
+            core.create_node({"metadata": {"name": f"{NODE_PREFIX}{i}",
+                                           "labels": {"kubernetes.io/hostname": f"{NODE_PREFIX}{i}"}}})
+        for i in range(self.sources):
+            self.add_pod(f"trainer-{i}", "source", {"app": "trainer"})
+        for i in range(self.targets):
+            self.add_pod(f"inference-{i}", "target", {"app": "inference"})
+        return self
+
+    def start_operator(self) -> None:
+        assert self.cp is not None
+        env = {**os.environ, "KUBECONFIG": str(self.cp.kubeconfig), "PYTHONUNBUFFERED": "1"}
+        log = open(self.workdir / "operator.log", "ab")  # noqa: SIM115
+        self.operator = subprocess.Popen(
+            [sys.executable, "-m", "ferry_operator", "run", "--all-namespaces",
+             "--health-port", str(free_port()), "--resync-seconds", "2",
+             "--webhook-port", str(free_port()), "--webhook-host", "127.0.0.1"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop_operator(self, kill: bool = False) -> None:
+        if self.operator is not None and self.operator.poll() is None:
+            os.killpg(self.operator.pid, signal.SIGKILL if kill else signal.SIGTERM)
+            self.operator.wait(timeout=30)
+        self.operator = None
+
+    def down(self) -> None:
+        for a in list(self.agents.values()):
+            self.stop_agent(a.pod)
+        self.stop_operator()
+        if self.cp is not None:
+            self.cp.stop()
+
+    def api(self) -> k8s_client.ApiClient:
+        assert self.cp is not None
+        return k8s_config.new_client_from_config(config_file=str(self.cp.kubeconfig))
+
+    # -- pods and agents ----------------------------------------------------------
+    def add_pod(self, name: str, role: str, labels: dict[str, str], node: int | None = None,
+                start_agent: bool = True) -> None:
+        core = k8s_client.CoreV1Api(self.api())
+        node_name = f"{NODE_PREFIX}{(node if node is not None else len(self.agents)) % self.nodes}"
+        core.create_namespaced_pod(self.namespace, {
+            "metadata": {"name": name, "labels": {**labels, "ferry.dev/inject": "true"}},
+            "spec": {"nodeName": node_name,
+                     "containers": [{"name": "engine", "image": "example.invalid/engine:dev"}]},
+        })
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        core.patch_namespaced_pod_status(name, self.namespace, {"status": {
+            "phase": "Running", "podIP": "127.0.0.1", "hostIP": "127.0.0.1",
+            "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}]}})
+        if start_agent:
+            self.start_agent(name, role, node_name)
+
+    def start_agent(self, pod: str, role: str, node: str) -> AgentProc:
+        assert self.cp is not None
+        adir = self.workdir / "agents" / pod
+        adir.mkdir(parents=True, exist_ok=True)
+        ready = adir / "ready.json"
+        ready.unlink(missing_ok=True)
+        sock = str(adir / "agent.sock")
+        env = {**os.environ, "KUBECONFIG": str(self.cp.kubeconfig), "POD_NAME": pod,
+               "POD_NAMESPACE": self.namespace, "POD_IP": "127.0.0.1", "NODE_NAME": node,
+               "PYTHONUNBUFFERED": "1", "FERRY_LEASE_SECONDS": str(self.lease_seconds),
+               "FERRY_RENEW_SECONDS": str(self.renew_seconds)}
+        log = adir / "agent.log"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ferry_api.cli", "agent", "run", "--memory", self.memory,
+             "--grpc-port", "0", "--grpc-host", "127.0.0.1", "--metrics-port", "-1",
+             "--control-socket", sock, "--token-file", str(self.token_file),
+             "--slab-bytes", "256Mi", "--rails", "off", "--ready-file", str(ready)],
+            env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
+            start_new_session=True)
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"agent {pod} did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.1)
+        info = json.loads(ready.read_text())
+        agent = AgentProc(pod, role, proc, info["endpoint"], sock, log)
+        self.agents[pod] = agent
+        return agent
+
+    def stop_agent(self, pod: str, kill: bool = False) -> None:
+        a = self.agents.pop(pod, None)
+        if a is None or a.proc.poll() is not None:
+            return
+        os.killpg(a.proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            a.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(a.proc.pid, signal.SIGKILL)
+            a.proc.wait()
+
+    # -- weights --------------------------------------------------------------------
+    def load_weights(self, pod: str, version: str, layout: list[dict[str, Any]], seed: int) -> str:
+        """Declare `layout` on the pod's agent, write deterministic bytes, publish; returns their digest."""
+        from ferry_agent.client import EngineClient
+
+        with EngineClient.connect(self.agents[pod].socket) as c:
+            views = c.declare({t["name"]: (t["dtype"], tuple(t["shape"])) for t in layout})
+            with c.writing(version):
+                fill(views, seed)
+            return digest(views)
+
+    def weights_digest(self, pod: str) -> str:
+        from ferry_agent.client import EngineClient
+
+        with EngineClient.connect(self.agents[pod].socket) as c:
+            return digest(c.attach())
+
+
+def demo_layout(tensors: int, total_bytes: int) -> list[dict[str, Any]]:
+    """A transformer-like mix: big bf16 matrices, small fp32 norms, one int8 table."""
+    out: list[dict[str, Any]] = []
+    small = max(1, tensors // 3)
+    big = tensors - small - 1
+    per = max(4096, (total_bytes - 64 * 1024 * small) // max(1, big) // 2 * 2)
+    cols = 1024
+    for i in range(big):
+        out.append({"name": f"layers.{i}.weight", "dtype": "bfloat16", "shape": [max(1, per // 2 // cols), cols]})
+    for i in range(small):
+        out.append({"name": f"layers.{i}.norm", "dtype": "float32", "shape": [4096 + 8 * i]})
+    out.append({"name": "embed.codes", "dtype": "int8", "shape": [333, 77]})
+    return out
+
+
+def fill(views: dict[str, Any], seed: int) -> None:
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    for name in sorted(views):
+        t = views[name]
+        raw = t.view(-1).view(torch.uint8) if t.dtype != torch.uint8 else t.view(-1)
+        raw.copy_(torch.randint(0, 256, (raw.numel(),), dtype=torch.uint8, generator=gen))
+
+
+def digest(views: dict[str, Any]) -> str:
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(views):
+        t = views[name].contiguous().view(-1)
+        h.update(name.encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,134 @@
+"""RefitJob status and assignment decisions (pure)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from ferry_api.refitjob import RefitJobSpec
+from ferry_operator.handlers.refitjob import World, compute_status, target_phase
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def spec(**kw: object) -> RefitJobSpec:
+    return RefitJobSpec.model_validate({"sourceRef": {"name": "src"},
+                                        "targets": {"matchLabels": {"x": "y"}}, **kw})
+
+
+def source(*pods: str, version: str = "5") -> dict:
+    return {"status": {
+        "version": version, "fingerprint": "fp", "bytes": 1000,
+        "conditions": [{"type": "Ready", "status": "True"}],
+        "members": [{"pod": p, "state": "Ready", "version": version, "fingerprint": "fp",
+                     "endpoint": f"{p}:1"} for p in pods]}}
+
+
+def world(src: dict | None, targets: list[str], now: datetime = T0, live: set[str] | None = None) -> World:
+    pods = {t: None for t in targets}
+    members = {m["pod"] for m in ((src or {}).get("status") or {}).get("members", [])}
+    return World(src, pods, members | set(targets) if live is None else live, now, T0)
+
+
+def cond(st: dict, t: str) -> dict:
+    return next(c for c in st["conditions"] if c["type"] == t)
+
+
+def test_source_missing_waits() -> None:
+    d = compute_status(spec(), {}, 1, world(None, ["t0"]))
+    assert d.status["phase"] == "Pending" and cond(d.status, "Progressing")["reason"] == "SourceNotFound"
+    assert "version" not in d.status and d.status["startTime"] == "2026-01-01T00:00:00Z"
+
+
+def test_assigns_every_target_spread_over_ready_sources() -> None:
+    d = compute_status(spec(), {}, 1, world(source("s0", "s1"), ["t0", "t1", "t2", "t3"]))
+    st = d.status
+    assert st["phase"] == "Running" and st["version"] == "5"
+    assert [e["attempts"] for e in st["targets"]] == [1, 1, 1, 1]
+    assert sorted(e["source"] for e in st["targets"]) == ["s0", "s0", "s1", "s1"]
+    assert cond(st, "Progressing")["status"] == "True"
+    assert st["targetsSummary"] == "0/4" and st["bytesTotal"] == 4000
+
+
+def test_stale_or_other_version_sources_are_not_used() -> None:
+    src = source("s0", "s1")
+    d = compute_status(spec(), {}, 1, world(src, ["t0"], live={"s1", "t0"}))
+    assert d.status["targets"][0]["source"] == "s1"
+    d = compute_status(spec(version="4"), {}, 1, world(src, ["t0"]))
+    assert "targets" not in d.status, "no source holds version 4"
+
+
+def test_already_assigned_target_is_not_reassigned() -> None:
+    status = {"phase": "Running", "version": "5", "startTime": "2026-01-01T00:00:00Z",
+              "targets": [{"pod": "t0", "source": "s0", "attempts": 1}]}
+    d = compute_status(spec(), status, 1, world(source("s0", "s1"), ["t0"]))
+    assert d.assigned == {} and d.status["targets"] == [{"pod": "t0", "source": "s0", "attempts": 1}]
+
+
+def test_failed_attempt_retries_on_another_source() -> None:
+    status = {"phase": "Running", "version": "5", "startTime": "2026-01-01T00:00:00Z",
+              "targets": [{"pod": "t0", "source": "s0", "attempts": 1, "observedAttempt": 1,
+                           "phase": "Failed", "reason": "PeerUnavailable"}]}
+    d = compute_status(spec(), status, 1, world(source("s0", "s1"), ["t0"]))
+    assert d.assigned == {"t0": ("s1",)}
+    assert d.status["targets"] == [{"pod": "t0", "source": "s1", "attempts": 2}]
+
+
+def test_backoff_exhausted_fails_job_with_reason_once_others_finish() -> None:
+    status = {"phase": "Running", "version": "5", "startTime": "2026-01-01T00:00:00Z", "targets": [
+        {"pod": "bad", "source": "s1", "attempts": 2, "observedAttempt": 2, "phase": "Failed",
+         "reason": "LayoutMismatch", "message": "w: dtype"},
+        {"pod": "good", "source": "s0", "attempts": 1, "observedAttempt": 1, "phase": "Done", "bytes": 1000}]}
+    d = compute_status(spec(backoffLimit=1), status, 1, world(source("s0", "s1"), ["bad", "good"],
+                                                                now=T0 + timedelta(seconds=4)))
+    st = d.status
+    assert st["phase"] == "Failed" and cond(st, "Failed")["reason"] == "LayoutMismatch"
+    assert "bad: LayoutMismatch" in cond(st, "Failed")["message"]
+    assert st["completionTime"] == "2026-01-01T00:00:04Z" and st["targetsSummary"] == "1/2"
+
+
+def test_all_done_completes_with_throughput() -> None:
+    status = {"phase": "Running", "version": "5", "startTime": "2026-01-01T00:00:00Z", "targets": [
+        {"pod": f"t{i}", "source": "s0", "attempts": 1, "observedAttempt": 1, "phase": "Done",
+         "bytes": 2_000_000_000} for i in range(2)]}
+    d = compute_status(spec(), status, 1, world(source("s0"), ["t0", "t1"], now=T0 + timedelta(seconds=2)))
+    st = d.status
+    assert st["phase"] == "Succeeded" and cond(st, "Complete")["status"] == "True"
+    assert st["throughput"] == "2.00GB/s" and st["bytesDone"] == 4_000_000_000
+    again = compute_status(spec(), st, 1, world(source("s0"), ["t0", "t1"], now=T0 + timedelta(hours=1)))
+    assert again.status["phase"] == "Succeeded" and again.status["completionTime"] == st["completionTime"]
+    assert again.status["throughput"] == "2.00GB/s", "a finished job's throughput is frozen"
+
+
+def test_deadline_exceeded() -> None:
+    status = {"phase": "Running", "version": "5", "startTime": "2026-01-01T00:00:00Z",
+              "targets": [{"pod": "t0", "source": "s0", "attempts": 1}]}
+    d = compute_status(spec(timeoutSeconds=10), status, 1,
+                       world(source("s0"), ["t0"], now=T0 + timedelta(seconds=11)))
+    assert d.status["phase"] == "Failed" and cond(d.status, "Failed")["reason"] == "DeadlineExceeded"
+
+
+def test_ttl_after_finished_deletes() -> None:
+    status = {"phase": "Succeeded", "startTime": "2026-01-01T00:00:00Z",
+              "completionTime": "2026-01-01T00:00:05Z", "conditions": []}
+    assert not compute_status(spec(ttlSecondsAfterFinished=60), status, 1,
+                              world(source("s0"), [], now=T0 + timedelta(seconds=30))).delete
+    assert compute_status(spec(ttlSecondsAfterFinished=60), status, 1,
+                          world(source("s0"), [], now=T0 + timedelta(seconds=66))).delete
+    assert not compute_status(spec(), status, 1, world(source("s0"), [], now=T0 + timedelta(days=9))).delete
+
+
+def test_target_phase_from_shared_entry() -> None:
+    assert target_phase({}, 3) == "Pending"
+    assert target_phase({"attempts": 2, "observedAttempt": 1, "phase": "Failed"}, 3) == "Assigned"
+    assert target_phase({"attempts": 2, "observedAttempt": 2, "phase": "Pulling"}, 3) == "Pulling"
+    assert target_phase({"attempts": 2, "observedAttempt": 2, "phase": "Failed"}, 3) == "Retry"
+    assert target_phase({"attempts": 4, "observedAttempt": 4, "phase": "Failed"}, 3) == "Failed"
+
+
+def test_tree_relays_through_finished_targets() -> None:
+    status = {"phase": "Running", "version": "5", "startTime": "2026-01-01T00:00:00Z", "targets": [
+        {"pod": "t0", "source": "s0", "attempts": 1, "observedAttempt": 1, "phase": "Done",
+         "endpoint": "t0:1"}]}
+    d = compute_status(spec(strategy={"type": "tree", "maxFanOut": 1}), status, 1,
+                       world(source("s0"), ["t0", "t1", "t2"]))
+    assert sorted(d.assigned.values()) == [("s0",), ("t0",)]
