@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from ferry_operator.dev.controlplane import REPO_ROOT, ControlPlane, free_port
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
+
+from ferry_operator.dev.controlplane import REPO_ROOT, ControlPlane, free_port
 
 
 @pytest.fixture(scope="session")

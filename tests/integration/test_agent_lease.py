@@ -15,9 +15,9 @@ import textwrap
 import time
 from pathlib import Path
 
-from ferry_agent.k8s.reporter import Identity, Reporter
 from kubernetes import client as k8s_client
 
+from ferry_agent.k8s.reporter import Identity, Reporter
 from tests.kube_helpers import GROUP, VERSION, cond, create, get, make_pod, wait_for
 
 WS = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "WeightSource", "metadata": {"name": "src"},

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 import yaml
+
 from ferry_operator import rbac
 from ferry_operator.dev.controlplane import REPO_ROOT
-
 from tests.conftest import kubectl
 
 CHART = REPO_ROOT / "charts" / "ferry"

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from ferry_operator.dev.controlplane import CRD_DIR
 
+from ferry_operator.dev.controlplane import CRD_DIR
 from tests.conftest import kubectl
 
 COLUMNS = {

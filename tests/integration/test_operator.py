@@ -9,10 +9,10 @@ import urllib.request
 from pathlib import Path
 
 import yaml
-from ferry_agent.k8s.reporter import Identity, Reporter
-from ferry_operator.dev.controlplane import ControlPlane
 from kubernetes import client as k8s_client
 
+from ferry_agent.k8s.reporter import Identity, Reporter
+from ferry_operator.dev.controlplane import ControlPlane
 from tests.conftest import OperatorProcess, start_operator, stop_operator
 from tests.kube_helpers import GROUP, VERSION, cond, create, get, make_pod, wait_for
 

@@ -14,6 +14,7 @@ from concurrent import futures
 
 import google_crc32c
 import grpc
+
 from ferry_agent.artifacts import artifacts_pb2 as pb
 from ferry_agent.artifacts import artifacts_pb2_grpc as pb_grpc
 from ferry_agent.artifacts.service import (

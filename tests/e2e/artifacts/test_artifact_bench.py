@@ -1,6 +1,7 @@
 """The benchmark runs end to end on a small tree (the numbers are not checked)."""
 
 import pytest
+
 from ferry_agent.artifacts import bench
 
 pytestmark = pytest.mark.e2e

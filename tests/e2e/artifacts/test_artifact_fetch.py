@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from artifact_helpers import make_tree, snapshot
+
 from ferry_agent.artifacts import (
     ArtifactRejected,
     FetchFailed,
@@ -109,6 +110,7 @@ def test_fetch_and_install_once_for_a_pod(source, peer, tmp_path: Path):
 @pytest.mark.parametrize("token", [None, "", "wrong", TOKEN + "x"])
 def test_calls_without_the_token_are_refused(peer, tmp_path: Path, token):
     import grpc
+
     from ferry_agent.artifacts import artifacts_pb2 as pb
     from ferry_agent.artifacts import artifacts_pb2_grpc as pb_grpc
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from artifact_helpers import make_tree, snapshot
+
 from ferry_agent.artifacts import pack
 
 pytestmark = pytest.mark.e2e

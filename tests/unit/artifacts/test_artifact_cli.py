@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from artifact_helpers import make_tree, snapshot
+
 from ferry_api.cli import main
 
 

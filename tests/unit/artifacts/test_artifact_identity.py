@@ -3,6 +3,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+
 from ferry_agent.artifacts import (
     Identity,
     IdentityError,

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from ferry_agent.artifacts import install_once
 
 KEY = "ab" * 32

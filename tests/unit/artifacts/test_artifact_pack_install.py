@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from artifact_helpers import make_tree, snapshot
+
 from ferry_agent.artifacts import ArtifactRejected, Identity, PackError, install, pack, verify
 from ferry_agent.artifacts.archive import open_archive, read_trailer
 from ferry_agent.artifacts.manifest import parse_manifest

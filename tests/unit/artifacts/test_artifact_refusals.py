@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from artifact_helpers import canonical, crcs, file_entry, manifest_dict, snapshot, write_archive
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from ferry_agent.artifacts import ArtifactRejected, install, verify
 from ferry_agent.artifacts.trust import sign
 

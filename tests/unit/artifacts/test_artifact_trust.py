@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 from artifact_helpers import make_tree
+
 from ferry_agent.artifacts import (
     ArtifactRejected,
     generate_keypair,
