@@ -11,6 +11,7 @@ harness do):
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -26,7 +27,12 @@ from .errors import FerryError, NotDeclared, PeerUnavailable, SourceStale, Versi
 from .layout import Layout, TensorSpec, plan_layout
 from .manifest import Manifest, descriptor_arrays
 from .metrics import AgentMetrics, MetricsServer
-from .nixl_engine import DEFAULT_POST_THREADS, NixlEngine
+from .nixl_engine import (
+    DEFAULT_HOST_LANES,
+    DEFAULT_POST_THREADS,
+    DEFAULT_PROGRESS_DELAY_US,
+    NixlEngine,
+)
 from .peer import AgentClient
 from .planner import Plan, build_plan
 from .slabs import create_slabs
@@ -60,6 +66,8 @@ class AgentConfig:
     sysfs_root: str = "/sys"
     nixl_threads: int = 0
     post_threads: int = DEFAULT_POST_THREADS
+    lanes: int = 0  # NIXL agents used for our READs; 0: 2 for host memory, 1 for cuda
+    progress_delay_us: int = DEFAULT_PROGRESS_DELAY_US
     shm_prefix: str = "ferry"
 
 
@@ -101,6 +109,9 @@ class Agent:
             from .auth import TokenFile
 
             self._token_file = TokenFile(config.token_file)
+        # UCX splits a CMA READ into 512 KiB process_vm_readv calls by default; 64 MiB
+        # pieces measured ~20% faster here. A value set by the operator wins.
+        os.environ.setdefault("UCX_CMA_SEG_SIZE", "64m")
         # UCX reads UCX_NET_DEVICES when NIXL creates its UCX context: pin rails first.
         self.rails = rails_mod.apply(
             os.environ,
@@ -111,8 +122,10 @@ class Agent:
         self.name = f"{config.namespace}.{config.pod}.{secrets.token_hex(4)}"
         self.engine = NixlEngine(
             self.name,
+            lanes=config.lanes or (DEFAULT_HOST_LANES if config.memory == "host" else 1),
             num_threads=config.nixl_threads,
             post_threads=config.post_threads,
+            progress_delay_us=config.progress_delay_us,
             thread_init=self._cuda_thread_init if config.memory == "cuda" else None,
         )
         self.link = EngineLink()
@@ -392,7 +405,7 @@ class Agent:
                 self.engine.prepare(
                     src.endpoint,
                     key,
-                    lambda m=src.manifest: m.nixl_metadata,
+                    functools.partial(_metadata_of, src.manifest),
                     local,
                     remote,
                     local_mem=local_mem,
@@ -407,6 +420,10 @@ class Agent:
         with self._lock:
             self._version = ""
             self._epoch += 2 - self._epoch % 2
+
+
+def _metadata_of(manifest: Manifest) -> bytes:
+    return manifest.nixl_metadata
 
 
 def check_sources(srcs: list[_Source], want: str | None) -> str:

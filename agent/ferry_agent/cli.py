@@ -80,8 +80,10 @@ def register(subparsers: Any) -> None:
         help="auto | stripe | off | map '0=mlx5_0:1;1=mlx5_1:1'",
     )
     run.add_argument("--nixl-threads", type=int, default=0, help="UCX backend num_threads")
+    run.add_argument("--post-threads", type=int, default=1, help="threads posting READs per lane")
+    run.add_argument("--lanes", type=int, default=0, help="NIXL agents for READs (0: auto)")
     run.add_argument(
-        "--post-threads", type=int, default=4, help="threads posting READs concurrently"
+        "--progress-delay-us", type=int, default=100, help="NIXL progress thread idle delay"
     )
     run.add_argument("--layout", help="JSON file [{name, dtype, shape}] to declare at start")
     run.add_argument(
@@ -135,8 +137,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         rails=args.rails,
         nixl_threads=args.nixl_threads,
         post_threads=args.post_threads,
+        lanes=args.lanes,
+        progress_delay_us=args.progress_delay_us,
     )
     agent = Agent(cfg)
+    kube = None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -160,11 +165,31 @@ def cmd_run(args: argparse.Namespace) -> int:
             with open(tmp, "w") as f:
                 json.dump(ready, f)
             os.replace(tmp, args.ready_file)
+        kube = _attach_kube(agent, cfg)
         while not stop.wait(0.5):
             pass
     finally:
+        if kube is not None:
+            kube.stop()  # cancel pulls, write Stale, release the Lease: before the slabs go
         agent.close()
     return 0
+
+
+def _attach_kube(agent: Any, cfg: Any) -> Any:
+    """Report to the control plane when running in a cluster (or given a kubeconfig)."""
+    from .k8s import runtime
+
+    if not runtime.enabled():
+        return None
+    return runtime.attach(
+        agent,
+        pod=cfg.pod,
+        namespace=cfg.namespace,
+        node=os.environ.get("NODE_NAME") or None,
+        endpoint=agent.endpoint,
+        lease_seconds=int(os.environ.get("FERRY_LEASE_SECONDS", "15")),
+        renew_seconds=float(os.environ.get("FERRY_RENEW_SECONDS", "5")),
+    )
 
 
 def cmd_pull(args: argparse.Namespace) -> int:

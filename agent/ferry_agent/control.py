@@ -15,6 +15,7 @@ name (shm) or CUDA IPC handle, never copied through it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -54,6 +55,10 @@ def _peer_closed(sock: socket.socket) -> bool:
         return False
     except OSError:
         return True
+
+
+def _refit_over(refit: _Refit, stop: threading.Event) -> bool:
+    return refit.done or stop.is_set()
 
 
 @dataclass
@@ -114,9 +119,9 @@ class EngineLink:
                 self._refit.version, self._refit.ok, self._refit.done = version, ok, True
                 self._cv.notify_all()
 
-    def _new_refit(self, seen: int) -> bool:
+    def _woken(self, seen: int, stop: threading.Event) -> bool:
         r = self._refit
-        return r is not None and r.id != seen and not r.done
+        return (r is not None and r.id != seen and not r.done) or stop.is_set()
 
     def serve_subscriber(
         self, conn_id: int, sock: socket.socket, reader: Any, stop: threading.Event
@@ -129,7 +134,7 @@ class EngineLink:
             send(sock, {"ok": True, "subscribed": True})
             while not stop.is_set():
                 with self._cv:
-                    self._cv.wait_for(lambda s=seen: self._new_refit(s) or stop.is_set(), 0.1)
+                    self._cv.wait_for(functools.partial(self._woken, seen, stop), 0.1)
                     refit = self._refit
                     if refit is None or refit.id == seen or refit.done:
                         refit = None
@@ -146,7 +151,7 @@ class EngineLink:
                     with self._cv:
                         refit.acked.add(conn_id)
                         self._cv.notify_all()
-                        self._cv.wait_for(lambda r=refit: r.done or stop.is_set())
+                        self._cv.wait_for(functools.partial(_refit_over, refit, stop))
                 send(
                     sock,
                     {"event": "resume", "id": refit.id, "version": refit.version, "ok": refit.ok},

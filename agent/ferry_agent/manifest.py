@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from .layout import ALIGNMENT, Placement
-from .proto import ferry_agent_pb2 as pb
+from .proto import ferry_agent_pb2 as _pb
 from .slabs import SlabInfo
+
+# Generated modules have no type stubs.
+pb: Any = _pb
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,7 @@ class Manifest:
         """Changes whenever the peer's NIXL identity or its registered memory changes."""
         return f"{self.agent}#{self.generation}#{self.fingerprint}"
 
-    def to_proto(self, *, with_metadata: bool = True) -> pb.Manifest:
+    def to_proto(self, *, with_metadata: bool = True) -> Any:
         return pb.Manifest(
             agent=self.agent,
             pod=self.pod,
@@ -71,7 +75,7 @@ class Manifest:
         )
 
     @classmethod
-    def from_proto(cls, m: pb.Manifest) -> Manifest:
+    def from_proto(cls, m: Any) -> Manifest:
         slabs = tuple(
             SlabInfo(int(s.index), int(s.addr), int(s.nbytes), str(s.memory), int(s.device_id), "")
             for s in m.slabs

@@ -5,6 +5,12 @@ address, length, device id). Prepared descriptor lists, transfer handles and
 remote agents are cached across refit cycles under a key the caller builds
 from the peer's identity and layout fingerprint; a new key for the same peer
 drops the old entry (and its remote agent), so nothing stale is ever reused.
+
+Lanes: the engine may hold several NIXL agents (each its own UCX context and
+worker). Peers only ever see lane 0; the other lanes exist so that our own
+READs can run on several UCX workers at once: UCX serialises everything posted
+on one worker, and over its CMA path (host memory, same node) the copy happens
+inside the post.
 """
 
 from __future__ import annotations
@@ -26,9 +32,19 @@ log = logging.getLogger(__name__)
 
 # How long a poll sleeps between checks; short because host copies finish in ms.
 POLL_INTERVAL_S = 0.0002
-# Threads posting READs concurrently. Over CMA each READ is copied by its posting
-# thread; measured here (2 cores, 1 GiB in 16 chunks): 1 thread ~3 GB/s, 4 ~4.5 GB/s.
-DEFAULT_POST_THREADS = 4
+# Threads posting READs per lane. Posts on one UCX worker are serialised, so more
+# threads on a lane only add contention (measured here, 2 cores, 1 GiB in 16
+# chunks, one lane: 1 thread 3.2-5.2 GB/s, 2 threads 2.2-3.0, 4 threads 1.7-2.6).
+DEFAULT_POST_THREADS = 1
+# Lanes for host memory. Measured here (1 GiB, 16 chunks, six alternating runs):
+# 1 lane 3.8-5.2 GB/s (median 4.5), 2 lanes 4.2-6.2 (median 5.0).
+DEFAULT_HOST_LANES = 2
+# Microseconds the NIXL progress thread waits between idle polls. nixl's Python
+# wrapper hard-codes 0: an idle agent then burns a full core (measured: 2.95 CPU-s
+# in 3 s of idle sleep; 0.05 CPU-s with 100 us), which on a small node starves the
+# very copies it should drive. 100 us is noise next to a multi-MiB READ.
+DEFAULT_PROGRESS_DELAY_US = 100
+_construct_lock = threading.Lock()
 
 
 def import_nixl() -> ModuleType:
@@ -44,11 +60,11 @@ def import_nixl() -> ModuleType:
 
 @dataclass
 class EngineStats:
-    registrations: int = 0
+    registrations: int = 0  # regions registered, summed over lanes
     deregistrations: int = 0
     remote_agents_added: int = 0
     remote_agents_removed: int = 0
-    dlists_prepared: int = 0
+    dlists_prepared: int = 0  # prepare() calls that built lists (all lanes at once)
     dlists_reused: int = 0
     xfer_handles_created: int = 0
     transfers_posted: int = 0
@@ -60,51 +76,14 @@ class EngineStats:
 
 @dataclass
 class Prepared:
-    """Prepared local/remote descriptor lists for one peer plus reusable READ handles."""
+    """Prepared descriptor lists for one peer, on every lane, plus reusable READ handles."""
 
     key: tuple
     peer: str
-    remote_name: str
-    local_dlist: Any
-    remote_dlist: Any
-    handles: list[Any]
+    handles: list[tuple[int, Any]]  # (lane, handle)
     handle_bytes: list[int]
+    dlists: list[tuple[int, Any]]  # (lane, prepared dlist) to release
     descriptors: int
-
-
-class _ReadState:
-    """Work queue shared by the posting threads of one read()."""
-
-    def __init__(self, queue: list[tuple[Prepared, int]], max_inflight: int, rate: float | None):
-        self._lock = threading.Lock()
-        self.queue = list(queue)
-        self.slots = threading.Semaphore(max(1, max_inflight))
-        self.rate = rate
-        self.posted_bytes = 0
-        self.per_peer: dict[str, int] = {}
-        self.done = 0
-        self.error: BaseException | None = None
-        self.abort = False
-        self.t0 = time.perf_counter()
-
-    def take(self) -> tuple[Prepared, int] | None:
-        while not self.abort:
-            with self._lock:
-                if not self.queue:
-                    return None
-                if self.rate and self.posted_bytes / self.rate > time.perf_counter() - self.t0:
-                    wait = self.posted_bytes / self.rate - (time.perf_counter() - self.t0)
-                else:
-                    entry, i = self.queue.pop(0)
-                    self.posted_bytes += entry.handle_bytes[i]
-                    return entry, i
-            time.sleep(min(max(wait, 0.0005), 0.01))  # paced (max_bytes_per_s)
-        return None
-
-    def finish(self, entry: Prepared, i: int) -> None:
-        with self._lock:
-            self.per_peer[entry.peer] = self.per_peer.get(entry.peer, 0) + entry.handle_bytes[i]
-            self.done += 1
 
 
 @dataclass
@@ -113,8 +92,51 @@ class ReadResult:
     seconds: float
     descriptors: int
     handles: int
-    reused: bool = False
     per_peer_bytes: dict[str, int] = field(default_factory=dict)
+
+
+class _ReadState:
+    """Per-lane work queues shared by the posting threads of one read()."""
+
+    def __init__(self, work: Sequence[Prepared], lanes: int, rate: float | None):
+        self._lock = threading.Lock()
+        self.queues: list[list[tuple[Prepared, int]]] = [[] for _ in range(lanes)]
+        for e in work:
+            for i, (lane, _) in enumerate(e.handles):
+                self.queues[lane].append((e, i))
+        for q in self.queues:  # interleave peers: striped sources are read together
+            q.sort(key=lambda ei: ei[1])
+        self.total = sum(len(q) for q in self.queues)
+        self.rate = rate
+        self.posted_bytes = 0
+        self.per_peer: dict[str, int] = {}
+        self.done = 0
+        self.error: BaseException | None = None
+        self.abort = False
+        self.t0 = time.perf_counter()
+
+    def take(self, lane: int) -> tuple[Prepared, int] | None:
+        while not self.abort:
+            with self._lock:
+                q = self.queues[lane]
+                if not q:
+                    return None
+                ahead = (
+                    self.posted_bytes / self.rate - (time.perf_counter() - self.t0)
+                    if self.rate
+                    else 0
+                )
+                if ahead <= 0:
+                    entry, i = q.pop(0)
+                    self.posted_bytes += entry.handle_bytes[i]
+                    return entry, i
+            time.sleep(min(max(ahead, 0.0005), 0.01))  # paced (max_bytes_per_s)
+        return None
+
+    def finish(self, entry: Prepared, i: int) -> None:
+        with self._lock:
+            self.per_peer[entry.peer] = self.per_peer.get(entry.peer, 0) + entry.handle_bytes[i]
+            self.done += 1
 
 
 class NixlEngine:
@@ -122,60 +144,107 @@ class NixlEngine:
         self,
         name: str,
         *,
+        lanes: int = 1,
         num_threads: int = 0,
         post_threads: int = DEFAULT_POST_THREADS,
         backends: Sequence[str] = ("UCX",),
         thread_init: Callable[[], None] | None = None,
+        progress_delay_us: int = DEFAULT_PROGRESS_DELAY_US,
     ):
         self._nixl = import_nixl()
+        self.name = name
+        self.post_threads = max(1, post_threads)
+        self.thread_init = thread_init  # run first on every posting thread (CUDA device)
         sync = self._nixl.nixl_thread_sync_t
         cfg = self._nixl.nixl_agent_config(
             enable_prog_thread=True,
             enable_listen_thread=False,
             num_threads=num_threads,
             backends=list(backends),
-            # Several posting threads share the agent: NIXL must lock internally.
-            sync_mode=sync.NIXL_THREAD_SYNC_STRICT if post_threads > 1 else None,
+            # Each agent is only ever called under its lane lock (below). NIXL's STRICT
+            # mode instead serialised the lanes against each other (measured, 2 lanes:
+            # STRICT 4.7-5.5 GB/s, own locks + NONE 5.2-6.4).
+            sync_mode=sync.NIXL_THREAD_SYNC_NONE,
         )
-        self.post_threads = max(1, post_threads)
-        self.thread_init = thread_init  # run first on every posting thread (CUDA device)
-        self.name = name
-        self._agent = self._nixl.nixl_agent(name, cfg)
+        self._agents = [
+            self._new_agent(name if k == 0 else f"{name}~lane{k}", cfg, progress_delay_us)
+            for k in range(max(1, lanes))
+        ]
+        self._lane_locks = [threading.Lock() for _ in self._agents]
         self._lock = threading.RLock()
-        self._remotes: dict[str, tuple[str, str]] = {}  # peer -> (metadata key, remote name)
-        self._prepared: dict[str, Prepared] = {}  # peer -> entry
-        self._leaked: list[Any] = []
+        self._remotes: dict[tuple[str, int], tuple[str, str]] = {}  # (peer, lane) -> (md key, name)
+        self._prepared: dict[str, Prepared] = {}
+        self._leaked: list[tuple[int, Any]] = []
         self.stats = EngineStats()
 
-    # -- memory -----------------------------------------------------------------
-    def register(self, regions: Sequence[tuple[int, int, int]], mem: str) -> Any:
-        """Register regions (addr, len, device) once; returns a token for deregister()."""
-        with self._lock:
-            reg = self._agent.register_memory([(a, n, d, "") for a, n, d in regions], mem)
-            self.stats.registrations += len(regions)
-            return reg
+    @property
+    def lanes(self) -> int:
+        return len(self._agents)
 
-    def deregister(self, reg: Any, count: int = 1) -> None:
+    def _new_agent(self, name: str, cfg: Any, delay_us: int) -> Any:
+        """nixl_agent(name, cfg) with the progress thread's idle delay set (see above):
+        the wrapper builds its own nixlAgentConfig, so we set the field on its way in."""
+        bind = self._nixl.nixlBind
+        real = bind.nixlAgent
+
+        def make(agent_name: str, agent_config: Any) -> Any:
+            agent_config.pthrDelay = delay_us
+            return real(agent_name, agent_config)
+
+        with _construct_lock:
+            bind.nixlAgent = make
+            try:
+                return self._nixl.nixl_agent(name, cfg)
+            finally:
+                bind.nixlAgent = real
+
+    # -- memory -----------------------------------------------------------------
+    def register(self, regions: Sequence[tuple[int, int, int]], mem: str) -> list[Any]:
+        """Register regions (addr, len, device) once on every lane; token for deregister()."""
         with self._lock:
-            self._agent.deregister_memory(reg)
-            self.stats.deregistrations += count
+            regs = []
+            for agent, lock in zip(self._agents, self._lane_locks, strict=True):
+                with lock:
+                    regs.append(agent.register_memory([(a, n, d, "") for a, n, d in regions], mem))
+                self.stats.registrations += len(regions)
+            return regs
+
+    def deregister(self, regs: list[Any], count: int = 1) -> None:
+        with self._lock:
+            for agent, lock, reg in zip(self._agents, self._lane_locks, regs, strict=True):
+                with lock:
+                    agent.deregister_memory(reg)
+                self.stats.deregistrations += count
 
     def metadata(self) -> bytes:
-        with self._lock:
-            return bytes(self._agent.get_agent_metadata())
+        """What peers load to read from us (lane 0 only)."""
+        with self._lane_locks[0]:
+            return bytes(self._agents[0].get_agent_metadata())
 
     # -- peers and prepared lists -------------------------------------------------
-    def _remote(self, peer: str, md_key: str, metadata: Callable[[], bytes]) -> str:
-        cached = self._remotes.get(peer)
+    def _remote(self, peer: str, lane: int, md_key: str, metadata: Callable[[], bytes]) -> str:
+        cached = self._remotes.get((peer, lane))
         if cached and cached[0] == md_key:
             return cached[1]
         if cached:
-            self.drop(peer)
-        name = self._agent.add_remote_agent(metadata())
+            self._remove_remote(peer, lane)
+        with self._lane_locks[lane]:
+            name = self._agents[lane].add_remote_agent(metadata())
         name = name.decode() if isinstance(name, bytes) else str(name)
-        self._remotes[peer] = (md_key, name)
+        self._remotes[(peer, lane)] = (md_key, name)
         self.stats.remote_agents_added += 1
         return name
+
+    def _remove_remote(self, peer: str, lane: int) -> None:
+        cached = self._remotes.pop((peer, lane), None)
+        if cached is None:
+            return
+        try:
+            with self._lane_locks[lane]:
+                self._agents[lane].remove_remote_agent(cached[1])
+        except Exception as exc:
+            log.debug("remove_remote_agent(%s): %s", cached[1], exc)
+        self.stats.remote_agents_removed += 1
 
     def prepare(
         self,
@@ -194,6 +263,7 @@ class NixlEngine:
         `key` must change whenever the peer's memory or our plan changes (the caller
         uses peer NIXL name, slab generation, fingerprint and plan digest); key[0]
         identifies the peer's metadata, so a new key[0] also re-adds the remote agent.
+        Groups go to lanes round-robin.
         """
         with self._lock:
             entry = self._prepared.get(peer)
@@ -203,48 +273,58 @@ class NixlEngine:
             if entry is not None:
                 self._release_entry(entry)
                 del self._prepared[peer]
-            remote_name = self._remote(peer, str(key[0]), metadata)
-            ldl = self._agent.prep_xfer_dlist("", np.ascontiguousarray(local, np.uint64), local_mem)
-            rdl = self._agent.prep_xfer_dlist(
-                remote_name, np.ascontiguousarray(remote, np.uint64), remote_mem
-            )
+            local = np.ascontiguousarray(local, np.uint64)
+            remote = np.ascontiguousarray(remote, np.uint64)
+            used = sorted({g % self.lanes for g in range(len(groups))})
+            dlists: list[tuple[int, Any]] = []
+            lane_lists: dict[int, tuple[Any, Any]] = {}
+            for lane in used:
+                agent = self._agents[lane]
+                remote_name = self._remote(peer, lane, str(key[0]), metadata)
+                with self._lane_locks[lane]:
+                    ldl = agent.prep_xfer_dlist("", local, local_mem)
+                    rdl = agent.prep_xfer_dlist(remote_name, remote, remote_mem)
+                lane_lists[lane] = (ldl, rdl)
+                dlists += [(lane, ldl), (lane, rdl)]
             self.stats.dlists_prepared += 1
-            handles, sizes = [], []
-            for g in groups:
-                idx = np.asarray(g, dtype=np.int32)
-                handles.append(self._agent.make_prepped_xfer("READ", ldl, idx, rdl, idx))
-                sizes.append(int(local[list(g), 1].sum()))
+            handles: list[tuple[int, Any]] = []
+            sizes: list[int] = []
+            for g, members in enumerate(groups):
+                lane = g % self.lanes
+                ldl, rdl = lane_lists[lane]
+                idx = np.asarray(members, dtype=np.int32)
+                with self._lane_locks[lane]:
+                    h = self._agents[lane].make_prepped_xfer("READ", ldl, idx, rdl, idx)
+                handles.append((lane, h))
+                sizes.append(int(local[list(members), 1].sum()))
                 self.stats.xfer_handles_created += 1
-            entry = Prepared(key, peer, remote_name, ldl, rdl, handles, sizes, len(local))
+            entry = Prepared(key, peer, handles, sizes, dlists, len(local))
             self._prepared[peer] = entry
             return entry
 
     def _release_entry(self, entry: Prepared) -> None:
-        for h in entry.handles:
+        for lane, h in entry.handles:
             try:
-                self._agent.release_xfer_handle(h)
+                with self._lane_locks[lane]:
+                    self._agents[lane].release_xfer_handle(h)
             except Exception:  # in flight after an abort: retried at close()
-                self._leaked.append(h)
-        for dl in (entry.local_dlist, entry.remote_dlist):
+                self._leaked.append((lane, h))
+        for lane, dl in entry.dlists:
             try:
-                self._agent.release_dlist_handle(dl)
+                with self._lane_locks[lane]:
+                    self._agents[lane].release_dlist_handle(dl)
             except Exception as exc:
                 log.debug("release_dlist_handle: %s", exc)
         entry.handles = []
 
     def drop(self, peer: str) -> None:
-        """Forget everything about a peer: handles, lists, remote agent."""
+        """Forget everything about a peer: handles, lists, remote agents."""
         with self._lock:
             entry = self._prepared.pop(peer, None)
             if entry is not None:
                 self._release_entry(entry)
-            cached = self._remotes.pop(peer, None)
-            if cached is not None:
-                try:
-                    self._agent.remove_remote_agent(cached[1])
-                except Exception as exc:
-                    log.debug("remove_remote_agent(%s): %s", cached[1], exc)
-                self.stats.remote_agents_removed += 1
+            for lane in range(self.lanes):
+                self._remove_remote(peer, lane)
 
     def peers(self) -> list[str]:
         return list(self._prepared)
@@ -262,19 +342,23 @@ class NixlEngine:
     ) -> ReadResult:
         """Post every handle of every entry and wait until all are DONE.
 
-        Handles are posted by `post_threads` workers (at most `max_inflight`
-        outstanding): over UCX's CMA path a READ is copied by the thread that
-        posts it, so concurrency needs several posting threads. `deadline` is a
-        time.monotonic() value; `check` runs every `check_interval_s` on the
-        calling thread and may raise to abort (e.g. the source version changed).
-        On any error the affected peers are dropped so the next cycle starts clean."""
-        queue = [(e, i) for e in work for i in range(len(e.handles))]
-        queue.sort(key=lambda ei: ei[1])  # interleave peers: striped sources work together
-        state = _ReadState(queue, max_inflight, max_bytes_per_s)
-        threads = max(1, min(self.post_threads, len(queue)))
+        `post_threads` workers per lane each keep up to `max_inflight` handles
+        outstanding. `deadline` is a time.monotonic() value; `check` runs every
+        `check_interval_s` on the calling thread and may raise to abort (e.g. the
+        source version changed). On any error the affected peers are dropped so
+        the next cycle starts clean."""
+        st = _ReadState(work, self.lanes, max_bytes_per_s)
+        per_worker = max(1, max_inflight // (self.lanes * self.post_threads))
         workers = [
-            threading.Thread(target=self._worker, args=(state,), name=f"nixl-post-{k}", daemon=True)
-            for k in range(threads)
+            threading.Thread(
+                target=self._worker,
+                args=(st, lane, per_worker),
+                name=f"nixl-post-{lane}.{k}",
+                daemon=True,
+            )
+            for lane in range(self.lanes)
+            if st.queues[lane]
+            for k in range(min(self.post_threads, len(st.queues[lane])))
         ]
         next_check = time.monotonic() + check_interval_s
         try:
@@ -284,65 +368,81 @@ class NixlEngine:
                 now = time.monotonic()
                 if now > deadline:
                     raise TransferTimeout(
-                        f"pull not finished before its deadline ({state.done} of {len(queue)} "
-                        f"READ groups done)",
-                        done=state.done,
+                        f"pull not finished before its deadline ({st.done} of {st.total} READ groups done)",
+                        done=st.done,
                     )
                 if check is not None and now >= next_check:
                     check()
                     next_check = now + check_interval_s
-                if state.error is not None:
-                    raise state.error
+                if st.error is not None:
+                    raise st.error
                 workers[0].join(0.002)
-            if state.error is not None:
-                raise state.error
+            if st.error is not None:
+                raise st.error
         except BaseException:
-            state.abort = True
+            st.abort = True
             for w in workers:  # bounded: a worker stops polling once abort is set
                 w.join(1.0)
             for entry in work:
                 self.drop(entry.peer)
             raise
-        seconds = time.perf_counter() - state.t0
-        total = sum(state.per_peer.values())
+        seconds = time.perf_counter() - st.t0
+        total = sum(st.per_peer.values())
         self.stats.bytes_read += total
-        self.stats.transfers_posted += state.done
+        self.stats.transfers_posted += st.done
         return ReadResult(
-            bytes=total,
-            seconds=seconds,
-            descriptors=sum(e.descriptors for e in work),
-            handles=state.done,
-            per_peer_bytes=dict(state.per_peer),
+            total, seconds, sum(e.descriptors for e in work), st.done, dict(st.per_peer)
         )
 
-    def _worker(self, st: _ReadState) -> None:
+    def _worker(self, st: _ReadState, lane: int, max_inflight: int) -> None:
+        agent, lock = self._agents[lane], self._lane_locks[lane]
+        inflight: list[tuple[Prepared, int]] = []
         try:
             if self.thread_init is not None:
                 self.thread_init()
             while not st.abort:
-                item = st.take()
-                if item is None:
+                while len(inflight) < max_inflight:
+                    item = st.take(lane)
+                    if item is None:
+                        break
+                    entry, i = item
+                    with lock:
+                        state = agent.transfer(entry.handles[i][1])
+                    if state == "ERR":
+                        raise TransferFailed(
+                            f"NIXL refused a READ from {entry.peer}", peer=entry.peer
+                        )
+                    if state == "DONE":
+                        st.finish(entry, i)
+                    else:
+                        inflight.append(item)
+                if not inflight:
                     return
-                entry, i = item
-                h = entry.handles[i]
-                state = self._agent.transfer(h)
-                while state == "PROC" and not st.abort:
+                still = []
+                for entry, i in inflight:
+                    with lock:
+                        state = agent.check_xfer_state(entry.handles[i][1])
+                    if state == "ERR":
+                        raise TransferFailed(f"NIXL READ from {entry.peer} failed", peer=entry.peer)
+                    if state == "DONE":
+                        st.finish(entry, i)
+                    else:
+                        still.append((entry, i))
+                inflight = still
+                if inflight:
                     time.sleep(POLL_INTERVAL_S)
-                    state = self._agent.check_xfer_state(h)
-                if state == "ERR":
-                    raise TransferFailed(f"NIXL READ from {entry.peer} failed", peer=entry.peer)
-                st.finish(entry, i)
         except BaseException as exc:  # handed to the caller's thread
             st.error = exc
             st.abort = True
 
     def close(self) -> None:
         with self._lock:
-            for peer in list(set(self._prepared) | set(self._remotes)):
+            for peer in list(set(self._prepared) | {p for p, _ in self._remotes}):
                 self.drop(peer)
-            for h in self._leaked:
+            for lane, h in self._leaked:
                 try:
-                    self._agent.release_xfer_handle(h)
+                    with self._lane_locks[lane]:
+                        self._agents[lane].release_xfer_handle(h)
                 except Exception as exc:
                     log.debug("leaked handle: %s", exc)
             self._leaked.clear()

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 from .auth import call_metadata
 from .errors import FerryError, PeerUnavailable, Unauthenticated, from_reason
 from .manifest import Manifest
-from .proto import ferry_agent_pb2 as pb
-from .proto import ferry_agent_pb2_grpc as pb_grpc
+from .proto import ferry_agent_pb2 as _pb
+from .proto import ferry_agent_pb2_grpc as _pb_grpc
+
+# Generated modules have no type stubs.
+pb: Any = _pb
+pb_grpc: Any = _pb_grpc
 
 # 64 MiB: a manifest of ~1M tensors; NIXL metadata is a few KiB.
 MAX_MESSAGE = 64 << 20
@@ -50,10 +56,10 @@ class AgentClient:
         )
         return Manifest.from_proto(reply)
 
-    def version(self, timeout: float | None = None) -> pb.VersionInfo:
+    def version(self, timeout: float | None = None) -> Any:
         return self._call(self._stub.GetVersion, pb.VersionRequest(), timeout)
 
-    def health(self) -> pb.HealthResponse:
+    def health(self) -> Any:
         return self._call(self._stub.Health, pb.HealthRequest())
 
     def pull(
@@ -67,7 +73,7 @@ class AgentClient:
         retries: int = 2,
         quiesce_engine: bool = False,
         quiesce_timeout_s: float = 30.0,
-    ) -> pb.PullReply:
+    ) -> Any:
         """Ask this agent to pull; raises the typed FerryError the target reported."""
         req = pb.PullRequest(
             sources=sources,

@@ -8,6 +8,7 @@ or fails with VersionChanged; it never reports success.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import TYPE_CHECKING
 
@@ -97,7 +98,7 @@ def run_pull(
                 res = agent.engine.read(
                     prepared,
                     deadline=deadline,
-                    check=lambda s=srcs: _fence(s, deadline),
+                    check=functools.partial(_fence, srcs, deadline),
                     check_interval_s=CHECK_INTERVAL_S,
                     max_inflight=agent.config.max_inflight,
                     max_bytes_per_s=max_gbps * 1e9 if max_gbps else None,

@@ -126,7 +126,9 @@ def gpu_pci(index: int, sysfs_root: str | Path = "/sys") -> str | None:
 
         if torch.cuda.is_available():
             p = torch.cuda.get_device_properties(index)
-            return f"{p.pci_domain_id:04x}:{p.pci_bus_id:02x}:{p.pci_device_id:02x}.0"
+            ids = [int(getattr(p, f"pci_{k}_id", -1)) for k in ("domain", "bus", "device")]
+            if min(ids) >= 0:
+                return f"{ids[0]:04x}:{ids[1]:02x}:{ids[2]:02x}.0"
     except Exception:
         pass
     devs = sysfs_devices(sysfs_root)

@@ -36,6 +36,19 @@ DTYPES = ("bfloat16", "float32", "float16", "int8", "bfloat16", "float8_e4m3fn")
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
+def read_transport(log: str) -> str:
+    """The UCX protocol chosen for remote reads, from a UCX_PROTO_INFO=y log (e.g. 'cma/memory')."""
+    lines = log.splitlines()
+    for i, line in enumerate(lines):
+        if "remote memory read" not in line:
+            continue
+        for row in lines[i + 1 : i + 12]:
+            cells = [c.strip() for c in row.split("|") if c.strip()]
+            if len(cells) >= 3 and (".." in cells[-3] or cells[-3].isdigit()):
+                return cells[-1]
+    return "unknown"
+
+
 def make_specs(total: int, count: int, seed: int = 0) -> list[TensorSpec]:
     """`count` tensors of mixed dtypes and log-normal sizes summing to `total` bytes
     (each a multiple of ALIGNMENT, so they pack without padding)."""
@@ -170,7 +183,10 @@ class TransferBench:
                 dev = ["--device", str(self.src_dev + k)] if self.cuda else []
                 self.procs.append(spawn_agent(tmp, f"bench-src-{k}", token, args=common + dev))
             tdev = ["--device", str(self.dst_dev)] if self.cuda else []
-            target = spawn_agent(tmp, "bench-target", token, args=common + tdev)
+            # UCX prints the protocol it selects per operation: we report the one used for READs.
+            target = spawn_agent(
+                tmp, "bench-target", token, args=common + tdev, env={"UCX_PROTO_INFO": "y"}
+            )
             self.procs.append(target)
             srcs = [EngineClient(p.socket) for p in self.procs[:-1]]
             dst = EngineClient(target.socket)
@@ -199,6 +215,7 @@ class TransferBench:
                 warm.append(rpc.pull(endpoints, timeout_s=600))
             verified = verified and self._verify(srcs[0], dst)
             rpc.close()
+            transport = read_transport(target.log())
         finally:
             for c in self.clients:
                 c.close()
@@ -228,6 +245,8 @@ class TransferBench:
             "chunk_bytes": a.chunk_bytes,
             "max_inflight": a.max_inflight,
             "post_threads": a.post_threads,
+            "lanes": a.lanes or ("auto"),
+            "progress_delay_us": a.progress_delay_us,
             "register_s": round(register_s, 6),
             "cold_s": round(register_s + cold.total_s, 4),
             "warm_s": round(warm_s, 4),
@@ -237,6 +256,7 @@ class TransferBench:
             "baseline": baseline,
             "ratio": round(gbps / baseline["GBps"], 3),
             "verified": bool(verified),
+            "transport": transport,
             "warm_registrations": sum(int(r.registrations) for r in warm),
             "warm_dlists_prepared": sum(int(r.dlists_prepared) for r in warm),
             "warm_dlists_reused": sum(int(r.dlists_reused) for r in warm),

@@ -8,6 +8,7 @@ import secrets
 from pathlib import Path
 
 import numpy as np
+
 from ferry_agent.client import EngineClient
 from ferry_agent.layout import TensorSpec
 from ferry_agent.peer import AgentClient

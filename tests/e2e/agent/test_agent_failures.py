@@ -8,6 +8,7 @@ import time
 
 import pytest
 from agent_e2e_helpers import fill, snapshot
+
 from ferry_agent.errors import (
     EngineNotQuiesced,
     FerryError,

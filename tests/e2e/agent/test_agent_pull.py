@@ -6,6 +6,7 @@ import urllib.request
 
 import pytest
 from agent_e2e_helpers import fill, mixed_specs, paint, snapshot
+
 from ferry_agent.errors import LayoutMismatch, Unauthenticated
 from ferry_agent.layout import TensorSpec
 
@@ -28,7 +29,7 @@ def test_pull_240_mixed_tensors_bytes_equal_and_second_cycle_reuses(cluster):
     assert first.bytes == sum(s.nbytes for s in specs)
     assert snapshot(de) == want
     assert 1 < first.descriptors < len(specs)  # coalesced, then chunked
-    assert first.dlists_prepared == 1 and first.remote_agents_added == 1
+    assert first.dlists_prepared == 1 and first.remote_agents_added >= 1  # one per lane
 
     # Cycle 2: new bytes under a new version; nothing re-registered or re-prepared.
     with se.writing("v2"):
@@ -100,7 +101,8 @@ def test_fresh_target_adopts_layout_and_engine_attaches(cluster):
     want = fill(se, seed=9)
     se.publish("v7")
     reply = cluster.rpc(dst).pull([src.endpoint], timeout_s=60)
-    assert reply.registrations == sum(1 for _ in se._slabs) and reply.register_s > 0
+    assert reply.registrations > 0 and reply.registrations % len(se._slabs) == 0  # per lane
+    assert reply.register_s > 0
     de = cluster.engine(dst)
     views = de.attach()
     assert set(views) == {s.name for s in specs}
