@@ -150,6 +150,7 @@ class TransferBench:
 
     def run(self) -> dict[str, Any]:
         a = self.args
+        load_before = os.getloadavg()  # shared machines: say how busy it was
         specs = make_specs(a.bytes, a.tensors)
         total = sum(s.nbytes for s in specs)
         slab_bytes = align_up(total + len(specs) * ALIGNMENT, 1 << 20)
@@ -231,6 +232,8 @@ class TransferBench:
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "command": "ferry bench " + " ".join(sys.argv[1:]),
             "machine": {
+                "loadavg_before": list(load_before),
+                "loadavg_after": list(os.getloadavg()),
                 "hostname": platform.node(),
                 "cpus": os.cpu_count(),
                 "kernel": platform.release(),
