@@ -35,7 +35,7 @@ from .nixl_engine import (
 )
 from .peer import AgentClient
 from .planner import Plan, build_plan
-from .slabs import create_slabs
+from .slabs import create_slabs, reap_stale
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,12 @@ class Agent:
             gpu=config.device if config.memory == "cuda" else None,
             sysfs_root=config.sysfs_root,
         )
+        if config.memory == "host":
+            stale = reap_stale(f"{config.shm_prefix}-{config.pod}")
+            if stale:
+                log.warning(
+                    "removed %d slabs left by a dead agent of this pod: %s", len(stale), stale
+                )
         self.name = f"{config.namespace}.{config.pod}.{secrets.token_hex(4)}"
         self.engine = NixlEngine(
             self.name,

@@ -167,6 +167,10 @@ class EngineClient:
         try:
             msg = recv(self._events.reader)
         except TimeoutError:
+            # A buffered reader is unusable after a timeout; events are single
+            # small lines, so a fresh reader loses nothing.
+            self._events.reader = self._events.sock.makefile("rb")
+            self._events.sock.settimeout(self.timeout)
             return None
         if msg is None or msg.get("event") != "pause":
             raise ConnectionError(f"unexpected event from agent: {msg}")

@@ -118,6 +118,42 @@ class HostSlab:
                 pass
 
 
+def reap_stale(prefix: str, shm_dir: str = SHM_DIR) -> list[str]:
+    """Unlink slabs named `{prefix}-{pid}-...` whose creating process is gone.
+
+    A killed agent cannot unlink its slabs, and a pod's /dev/shm (an emptyDir)
+    outlives a container restart: without this, every crash would leak a
+    weight set's worth of memory."""
+    removed = []
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(prefix + "-"):
+            continue
+        parts = name[len(prefix) + 1 :].split("-")
+        # exactly {pid}-{index}-{hex}: "ferry-w-1-..." is pod "w-1", not pod "w"
+        if len(parts) != 3 or not (parts[0].isdigit() and parts[1].isdigit()):
+            continue
+        pid_text = parts[0]
+        if int(pid_text) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+            continue  # still alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        try:
+            os.unlink(os.path.join(shm_dir, name))
+            removed.append(name)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 def create_slabs(
     sizes: tuple[int, ...], memory: str, *, prefix: str, device: int = 0, prefault: bool = True
 ) -> list[Any]:

@@ -7,6 +7,7 @@ from concurrent import futures
 
 import grpc
 import pytest
+
 from ferry_agent.auth import AuthInterceptor, TokenFile, call_metadata
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+
 from ferry_agent import cli as agent_cli
 from ferry_agent.bench import cli as bench_cli
 from ferry_agent.bench.transfer import make_specs

@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+
 from ferry_agent.client import EngineClient
 from ferry_agent.control import ControlServer, EngineLink
 from ferry_agent.errors import EngineNotQuiesced, NotDeclared

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from ferry_agent.layout import ALIGNMENT, TensorSpec, fingerprint, plan_layout
 
 

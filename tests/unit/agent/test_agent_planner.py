@@ -3,6 +3,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from ferry_agent.errors import LayoutMismatch
 from ferry_agent.layout import TensorSpec, plan_layout
 from ferry_agent.planner import Segment, build_plan, chunk, coalesce, pair, stripe

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from ferry_agent.layout import TensorSpec, plan_layout
 from ferry_agent.manifest import Manifest, descriptor_arrays
 from ferry_agent.proto import build

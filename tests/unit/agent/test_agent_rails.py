@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from ferry_agent import rails
 
 # Two sockets. Socket 0: root port 00:01.0 -> switch 01:00.0 -> ports 02:00.0 (GPU0),

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
+
 from ferry_agent.layout import TensorSpec, plan_layout
 from ferry_agent.slabs import SHM_DIR, HostSlab, create_slabs
 from ferry_agent.views import tensor_views
@@ -69,3 +70,22 @@ def test_cuda_array_interface_and_handle_checks_without_a_gpu():
     )
     with pytest.raises(ValueError, match=f"{IPC_HANDLE_BYTES} bytes"):
         CudaSlab.attach(0, "ab" * 10, 4096, 0)
+
+
+def test_reap_stale_removes_only_slabs_of_dead_agents(tmp_path):
+    import subprocess
+
+    from ferry_agent.slabs import reap_stale
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / f"ferry-pod-{dead.pid}-0-aa").write_bytes(b"x")
+    (tmp_path / f"ferry-pod-{os.getpid()}-0-bb").write_bytes(b"x")  # ours: alive
+    (tmp_path / f"ferry-other-{dead.pid}-0-cc").write_bytes(b"x")  # another pod
+    (tmp_path / f"ferry-pod-2-{dead.pid}-0-dd").write_bytes(b"x")  # pod "pod-2"
+    assert reap_stale("ferry-pod", str(tmp_path)) == [f"ferry-pod-{dead.pid}-0-aa"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"ferry-other-{dead.pid}-0-cc",
+        f"ferry-pod-2-{dead.pid}-0-dd",
+        f"ferry-pod-{os.getpid()}-0-bb",
+    ]
