@@ -10,6 +10,7 @@ rate-limited; nothing per chunk reaches the CR.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -52,6 +53,9 @@ class JobRunner:
         self.progress_interval_s = progress_interval_s
         self.on_done = on_done
         self.manager = f"ferry-agent/{ident.pod}"[:128]
+        # An operator's cap on pull bandwidth (e.g. to spare a NIC that also serves traffic).
+        cap = os.environ.get("FERRY_PULL_MAX_GBPS")
+        self.max_gbps = float(cap) if cap else None
         self._stop = threading.Event()
         self._current: Attempt | None = None
         self._seen: dict[str, int] = {}  # job uid -> highest attempt started here
@@ -125,6 +129,7 @@ class JobRunner:
                 chunk_bytes=(spec.get("strategy") or {}).get("chunkBytes"),
                 quiesce=pause.get("mode", "engine") != "none",
                 quiesce_timeout_s=float(pause.get("timeoutSeconds", 30)),
+                max_gbps=self.max_gbps,
             )
             if cancel.is_set():
                 raise _Cancelled("the job was deleted or re-assigned during the pull")

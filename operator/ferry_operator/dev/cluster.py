@@ -50,6 +50,7 @@ class DevCluster:
     operator: subprocess.Popen | None = None
     agents: dict[str, AgentProc] = field(default_factory=dict)
     token_file: Path = Path()
+    env: dict[str, str] = field(default_factory=dict)  # extra environment for every agent
 
     # -- lifecycle ----------------------------------------------------------------
     def up(self) -> DevCluster:
@@ -132,7 +133,7 @@ class DevCluster:
         env = {**os.environ, "KUBECONFIG": str(self.cp.kubeconfig), "POD_NAME": pod,
                "POD_NAMESPACE": self.namespace, "POD_IP": "127.0.0.1", "NODE_NAME": node,
                "PYTHONUNBUFFERED": "1", "FERRY_LEASE_SECONDS": str(self.lease_seconds),
-               "FERRY_RENEW_SECONDS": str(self.renew_seconds)}
+               "FERRY_RENEW_SECONDS": str(self.renew_seconds), **self.env}
         log = adir / "agent.log"
         proc = subprocess.Popen(
             [sys.executable, "-m", "ferry_api.cli", "agent", "run", "--memory", self.memory,

@@ -212,7 +212,8 @@ class ControlPlane:
                 os.killpg(proc.pid, signal.SIGTERM)
         for proc in reversed(self.procs):
             try:
-                proc.wait(timeout=15)
+                # Throwaway state: no need to wait out the apiserver's graceful drain.
+                proc.wait(timeout=3)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()

@@ -1,0 +1,217 @@
+"""End to end: kubectl-style RefitJobs move real bytes between real agent processes.
+
+Each test gets its own local cluster (etcd, kube-apiserver, the operator with
+its webhook, pods bound to nodes, one agent process per pod). Bytes are
+verified by hashing every tensor through the engine client on both sides.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+from kubernetes import client as k8s_client
+
+from ferry_operator.dev.cluster import DevCluster, demo_layout
+from tests.kube_helpers import GROUP, VERSION, cond, create, get, wait_for
+
+pytestmark = pytest.mark.e2e
+LAYOUT = demo_layout(60, 24 << 20)
+
+
+def weightsource(lease: int = 6) -> dict[str, Any]:
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "WeightSource", "metadata": {"name": "policy"},
+            "spec": {"model": {"name": "tiny-llama"}, "selector": {"matchLabels": {"app": "trainer"}},
+                     "memory": "host",
+                     "heartbeat": {"leaseDurationSeconds": lease, "renewIntervalSeconds": 1}}}
+
+
+def refitjob(name: str, **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "RefitJob", "metadata": {"name": name},
+            "spec": {"sourceRef": {"name": "policy"}, "targets": {"matchLabels": {"app": "inference"}},
+                     "timeoutSeconds": 120, **spec}}
+
+
+def ready_source(c: DevCluster, version: str = "1", seed: int = 1) -> str:
+    api = c.api()
+    create(api, c.namespace, "weightsources", weightsource())
+    want = ""
+    for pod, a in c.agents.items():
+        if a.role == "source":
+            want = c.load_weights(pod, version, LAYOUT, seed)
+    wait_for(lambda: get(api, "weightsources", c.namespace, "policy").get("status", {})
+             .get("version") == version, timeout=30, what=f"source serving {version}")
+    return want
+
+
+def finished(c: DevCluster, name: str, timeout: float = 90) -> dict[str, Any]:
+    api = c.api()
+    return wait_for(lambda: (o := get(api, "refitjobs", c.namespace, name)).get("status", {})
+                    .get("phase") in ("Succeeded", "Failed") and o, timeout=timeout, what=f"{name} finished")
+
+
+def targets(c: DevCluster) -> list[str]:
+    return sorted(p for p, a in c.agents.items() if a.role == "target")
+
+
+@pytest.mark.parametrize("strategy", ["direct", "tree", "chain"])
+def test_one_source_three_targets(cluster: DevCluster, strategy: str) -> None:
+    want = ready_source(cluster)
+    create(cluster.api(), cluster.namespace, "refitjobs",
+           refitjob("refit", strategy={"type": strategy, "maxFanOut": 1 if strategy == "tree" else 4}))
+    job = finished(cluster, "refit")
+    assert job["status"]["phase"] == "Succeeded", job["status"]
+    assert cond(job, "Complete")["status"] == "True"
+    assert job["status"]["targetsSummary"] == "3/3" and job["status"]["version"] == "1"
+    for pod in targets(cluster):
+        assert cluster.weights_digest(pod) == want, f"{pod} holds different bytes"
+    sources = {e["pod"]: e["source"] for e in job["status"]["targets"]}
+    if strategy == "chain":
+        assert sorted(sources.values()) == sorted(["trainer-0", *targets(cluster)[:2]])
+    if strategy == "tree":
+        assert any(s.startswith("inference") for s in sources.values()), sources
+
+
+# Slow pulls (a bandwidth cap on the targets) so that a kill or delete lands mid-transfer.
+@pytest.mark.cluster(sources=2, targets=2, env={"FERRY_PULL_MAX_GBPS": "0.01"})
+def test_source_killed_mid_job_targets_reassigned(cluster: DevCluster) -> None:
+    want = ready_source(cluster)
+    api = cluster.api()
+    create(api, cluster.namespace, "refitjobs", refitjob("refit", strategy={"chunkBytes": 1 << 20}))
+    victim = wait_for(lambda: next((e["source"] for e in get(api, "refitjobs", cluster.namespace, "refit")
+                                    .get("status", {}).get("targets", []) if e.get("phase") == "Pulling"),
+                                   None), what="a pull in flight")
+    cluster.stop_agent(victim, kill=True)
+    job = finished(cluster, "refit", timeout=120)
+    assert job["status"]["phase"] == "Succeeded", job["status"]
+    entries = {e["pod"]: e for e in job["status"]["targets"]}
+    assert any(e["attempts"] >= 2 for e in entries.values()), "someone must have retried"
+    assert all(e["source"] != victim for e in entries.values())
+    for pod in targets(cluster):
+        assert cluster.weights_digest(pod) == want
+
+
+@pytest.mark.cluster(sources=1, targets=3)
+def test_layout_mismatch_reported_memory_untouched_others_complete(cluster: DevCluster) -> None:
+    want = ready_source(cluster)
+    odd = [dict(t) for t in LAYOUT]
+    odd[0]["dtype"] = "float16"
+    before = cluster.load_weights("inference-2", "mine", odd, seed=99)
+    create(cluster.api(), cluster.namespace, "refitjobs", refitjob("refit", backoffLimit=1))
+    job = finished(cluster, "refit")
+    entries = {e["pod"]: e for e in job["status"]["targets"]}
+    assert entries["inference-2"]["phase"] == "Failed"
+    assert entries["inference-2"]["reason"] == "LayoutMismatch"
+    assert "layers.0.weight" in entries["inference-2"]["message"]
+    assert cluster.weights_digest("inference-2") == before, "a refused pull must not touch memory"
+    for pod in ("inference-0", "inference-1"):
+        assert entries[pod]["phase"] == "Done" and cluster.weights_digest(pod) == want
+    assert job["status"]["phase"] == "Failed" and cond(job, "Failed")["reason"] == "LayoutMismatch"
+
+
+@pytest.mark.cluster(sources=1, targets=3, env={"FERRY_PULL_MAX_GBPS": "0.02"})
+def test_operator_restarted_mid_job_still_completes(cluster: DevCluster) -> None:
+    want = ready_source(cluster)
+    api = cluster.api()
+    create(api, cluster.namespace, "refitjobs",
+           refitjob("refit", strategy={"type": "tree", "maxFanOut": 1, "chunkBytes": 1 << 20}))
+    wait_for(lambda: get(api, "refitjobs", cluster.namespace, "refit").get("status", {}).get("targets"),
+             what="first assignment")
+    cluster.stop_operator(kill=True)
+    time.sleep(2)
+    cluster.start_operator()
+    job = finished(cluster, "refit", timeout=120)
+    assert job["status"]["phase"] == "Succeeded", job["status"]
+    for pod in targets(cluster):
+        assert cluster.weights_digest(pod) == want
+
+
+@pytest.mark.cluster(sources=1, targets=2, env={"FERRY_PULL_MAX_GBPS": "0.004"})
+def test_deleting_a_running_job_cancels_it(cluster: DevCluster) -> None:
+    ready_source(cluster)
+    api = cluster.api()
+    create(api, cluster.namespace, "refitjobs", refitjob("refit", strategy={"chunkBytes": 1 << 20}))
+    wait_for(lambda: any(e.get("phase") == "Pulling" for e in
+                         get(api, "refitjobs", cluster.namespace, "refit").get("status", {}).get("targets", [])),
+             what="pulling")
+    assert "ferry.dev/finalizer" in get(api, "refitjobs", cluster.namespace, "refit")["metadata"]["finalizers"]
+    k8s_client.CustomObjectsApi(api).delete_namespaced_custom_object(GROUP, VERSION, cluster.namespace,
+                                                                     "refitjobs", "refit")
+    started = time.monotonic()
+
+    def gone() -> bool:
+        try:
+            get(api, "refitjobs", cluster.namespace, "refit")
+            return False
+        except k8s_client.ApiException as exc:
+            return exc.status == 404
+    wait_for(gone, timeout=30, what="job deleted")
+    assert time.monotonic() - started < 20
+    for pod in targets(cluster):
+        log = cluster.workdir.joinpath("agents", pod, "agent.log").read_text()
+        assert "Cancelled" in log or "cancel" in log.lower(), f"{pod} did not cancel its pull"
+
+
+@pytest.mark.cluster(sources=1, targets=1)
+def test_agent_killed_goes_stale_within_one_lease(cluster: DevCluster) -> None:
+    ready_source(cluster)
+    api = cluster.api()
+    killed = time.monotonic()
+    cluster.stop_agent("trainer-0", kill=True)
+    ws = wait_for(lambda: (o := get(api, "weightsources", cluster.namespace, "policy"))["status"]
+                  .get("readyReplicas") == 0 and o, timeout=30, what="source Stale")
+    elapsed = time.monotonic() - killed
+    assert elapsed <= 2 * 6 + 2, f"{elapsed:.1f}s"  # expiry plus one lease duration (6 s)
+    member = ws["status"]["members"][0]
+    assert member["state"] == "Stale" and cond(ws, "Degraded")["reason"] == "ReplicasStale"
+
+
+@pytest.mark.cluster(sources=1, targets=1)
+def test_engine_never_reads_a_pull_in_progress(cluster: DevCluster) -> None:
+    from ferry_agent.client import EngineClient
+
+    v1 = ready_source(cluster, "1", seed=1)
+    api = cluster.api()
+    create(api, cluster.namespace, "refitjobs", refitjob("load"))
+    assert finished(cluster, "load")["status"]["phase"] == "Succeeded"
+
+    seen: list[str] = []
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def engine() -> None:
+        from ferry_operator.dev.cluster import digest
+
+        with EngineClient.connect(cluster.agents["inference-0"].socket) as c:
+            views = c.attach()
+            c.subscribe()
+            while not stop.is_set():
+                refit = c.wait_refit(timeout=0.01)
+                if refit is not None:
+                    refit.ack()  # stop reading until the agent says the pull is over
+                    version, ok = refit.wait_done(timeout=60)
+                    seen.append(f"resume:{version}:{ok}")
+                    views = c.attach()
+                    continue
+                seen.append(digest(views))
+
+    t = threading.Thread(target=engine, daemon=True)
+    t.start()
+    wait_for(lambda: len(seen) >= 3, what="engine reading")
+    v2 = cluster.load_weights("trainer-0", "2", LAYOUT, seed=2)
+    wait_for(lambda: get(api, "weightsources", cluster.namespace, "policy")["status"].get("version") == "2",
+             what="source at 2")
+    create(api, cluster.namespace, "refitjobs", refitjob("refit-2", pause={"mode": "engine", "timeoutSeconds": 20}))
+    job = finished(cluster, "refit-2")
+    time.sleep(0.5)
+    stop.set()
+    t.join(10)
+    assert job["status"]["phase"] == "Succeeded", job["status"]
+    assert not errors
+    reads = [s for s in seen if not s.startswith("resume")]
+    assert set(reads) <= {v1, v2}, "the engine saw bytes of a pull in progress"
+    resume = seen.index("resume:2:True")
+    assert all(s == v1 for s in seen[:resume]) and all(s == v2 for s in seen[resume + 1:])
+    assert seen[resume + 1:], "the engine read again after resume"
