@@ -54,18 +54,24 @@ def get_object(plural: str, namespace: str, name: str) -> dict | None:
 AGENT_LEASE_LABEL = "ferry.dev/agent-lease"
 
 
-def live_agents(namespace: str, now: datetime) -> set[str]:
-    """Pods whose agent Lease was renewed within its leaseDurationSeconds."""
+def agent_leases(namespace: str, now: datetime) -> tuple[set[str], set[str]]:
+    """(pods whose agent Lease is fresh, pods whose agent Lease expired)."""
     leases = client.CoordinationV1Api(api()).list_namespaced_lease(
         namespace, label_selector=AGENT_LEASE_LABEL).items
-    live = set()
+    live, expired = set(), set()
     for lease in leases:
         spec = lease.spec
         if spec is None or spec.renew_time is None or not spec.holder_identity:
             continue
         if spec.renew_time + timedelta(seconds=spec.lease_duration_seconds or 0) > now:
             live.add(spec.holder_identity)
-    return live
+        else:
+            expired.add(spec.holder_identity)
+    return live, expired
+
+
+def live_agents(namespace: str, now: datetime) -> set[str]:
+    return agent_leases(namespace, now)[0]
 
 
 def delete_object(plural: str, namespace: str, name: str) -> None:

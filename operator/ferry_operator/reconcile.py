@@ -84,12 +84,14 @@ def refitjob_(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
 
     def compute(spec: RefitJobSpec, status: dict, generation: int) -> dict:
         pods = kube.list_pods(ns, spec.targets.to_label_selector())
+        live, expired = kube.agent_leases(ns, now())
         world = refitjob.World(
             source=kube.get_object(WeightSource.PLURAL, ns, spec.source_ref.name),
             targets={p.metadata.name: p.spec.node_name for p in pods
                      if p.metadata.deletion_timestamp is None},
-            live=kube.live_agents(ns, now()),
+            live=live,
             now=now(),
+            expired=expired,
             created=refitjob.parse_time(meta["creationTimestamp"]) or now(),
         )
         decision["d"] = refitjob.compute_status(spec, status, generation, world)

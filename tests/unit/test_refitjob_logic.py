@@ -132,3 +132,34 @@ def test_tree_relays_through_finished_targets() -> None:
     d = compute_status(spec(strategy={"type": "tree", "maxFanOut": 1}), status, 1,
                        world(source("s0"), ["t0", "t1", "t2"]))
     assert sorted(d.assigned.values()) == [("s0",), ("t0",)]
+
+
+def test_target_whose_agent_lease_expired_is_retried_then_failed() -> None:
+    status = {"phase": "Running", "version": "5", "startTime": "2026-01-01T00:00:00Z",
+              "targets": [{"pod": "t0", "source": "s0", "attempts": 1, "observedAttempt": 1, "phase": "Pulling"}]}
+    w = World(source("s0"), {"t0": None}, {"s0"}, T0, T0, expired={"t0"})
+    d = compute_status(spec(), status, 1, w)
+    assert d.assigned == {"t0": ("s0",)} and d.status["targets"][0]["attempts"] == 2
+    status["targets"][0].update(attempts=4, observedAttempt=4)
+    d = compute_status(spec(), status, 1, w)
+    assert d.status["phase"] == "Failed" and cond(d.status, "Failed")["reason"] == "AgentUnavailable"
+
+
+def test_agent_not_started_yet_is_waited_for() -> None:
+    status = {"phase": "Running", "version": "5", "startTime": "2026-01-01T00:00:00Z",
+              "targets": [{"pod": "t0", "source": "s0", "attempts": 1}]}
+    w = World(source("s0"), {"t0": None}, {"s0"}, T0, T0)  # no lease at all for t0
+    assert compute_status(spec(), status, 1, w).assigned == {}
+
+
+def test_status_stays_compact_at_1000_targets() -> None:
+    import json
+
+    names = [f"inference-{i:04d}" for i in range(1000)]
+    status = {"phase": "Running", "version": "5", "startTime": "2026-01-01T00:00:00Z", "targets": [
+        {"pod": n, "source": "trainer-0", "attempts": 1, "observedAttempt": 1, "phase": "Pulling",
+         "endpoint": "10.0.12.34:7470", "bytes": 123456789012} for n in names]}
+    d = compute_status(spec(), status, 1, world(source("s0"), names))
+    merged = {**status, **d.status, "targets": status["targets"]}
+    size = len(json.dumps(merged))
+    assert size < 200_000, f"{size} bytes: far below etcd's 1.5 MB limit is the goal"

@@ -31,6 +31,7 @@ class World:
     live: set[str]
     now: datetime
     created: datetime
+    expired: set[str] = field(default_factory=set)  # pods whose agent Lease expired
 
 
 @dataclass
@@ -50,11 +51,16 @@ def _stamp(t: datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def target_phase(entry: dict[str, Any], backoff_limit: int) -> str:
-    """The effective phase of a target from its shared entry."""
+def target_phase(entry: dict[str, Any], backoff_limit: int, lost: bool = False) -> str:
+    """The effective phase of a target from its shared entry.
+
+    `lost`: the target's agent Lease expired, so an attempt it had in hand is
+    over (its agent died or hangs); the attempt counts as failed."""
     attempts = entry.get("attempts") or 0
     if attempts == 0:
         return "Pending"
+    if lost and entry.get("phase") != "Done":
+        return "Retry" if attempts <= backoff_limit else "Failed"
     if (entry.get("observedAttempt") or 0) < attempts:
         return "Assigned"
     phase = entry.get("phase") or "Assigned"
@@ -90,7 +96,8 @@ def compute_status(spec: RefitJobSpec, status: dict[str, Any], generation: int, 
 
     entries = {e["pod"]: e for e in status.get("targets") or []}
     names = sorted(set(world.targets) | {p for p, e in entries.items() if e.get("attempts")})
-    phases = {p: target_phase(entries.get(p, {}), spec.backoff_limit) for p in names}
+    phases = {p: target_phase(entries.get(p, {}), spec.backoff_limit, p in world.expired)
+              for p in names}
     done = [p for p in names if phases[p] == "Done"]
     failed = [p for p in names if phases[p] == "Failed"]
     per_target = src_status.get("bytes") or 0
@@ -118,8 +125,8 @@ def compute_status(spec: RefitJobSpec, status: dict[str, Any], generation: int, 
         completion = _stamp(world.now)
         if failed:
             phase = "Failed"
-            why = "; ".join(f"{p}: {entries[p].get('reason') or 'Failed'}" for p in failed[:5])
-            reason = _common_reason([entries[p].get("reason") for p in failed]) or "TargetsFailed"
+            why = "; ".join(f"{p}: {_reason(entries[p], p in world.expired)}" for p in failed[:5])
+            reason = _common_reason([_reason(entries[p], p in world.expired) for p in failed]) or "TargetsFailed"
             conds = [Cond("Progressing", False, "Finished", ""),
                      Cond("Complete", False, reason, ""),
                      Cond("Failed", True, reason,
@@ -195,6 +202,12 @@ def _waiting(progressing: Cond) -> list[Cond]:
 def _terminal_conditions(status: dict[str, Any]) -> list[Cond]:
     return [Cond(c["type"], {"True": True, "False": False}.get(c["status"]), c["reason"], c.get("message", ""))
             for c in status.get("conditions") or [] if c["type"] in ("Progressing", "Complete", "Failed")]
+
+
+def _reason(entry: dict[str, Any], lost: bool) -> str:
+    if lost and entry.get("phase") != "Failed":
+        return "AgentUnavailable"
+    return entry.get("reason") or "Failed"
 
 
 def _common_reason(reasons: list[str | None]) -> str | None:
