@@ -13,6 +13,8 @@ def _run(args: argparse.Namespace) -> int:
     os.environ["FERRY_RESYNC_SECONDS"] = str(args.resync_seconds)
     os.environ["FERRY_CANARY_SECONDS"] = str(args.canary_seconds)
     os.environ["FERRY_WATCH_SERVER_TIMEOUT"] = str(args.watch_timeout)
+    os.environ["FERRY_PEERING"] = args.peering or ""
+    os.environ["FERRY_PRIORITY"] = str(args.priority)
     os.environ["FERRY_WEBHOOK_PORT"] = str(args.webhook_port)
     os.environ["FERRY_WEBHOOK_HOST"] = args.webhook_host
     os.environ["FERRY_WEBHOOK_CERT_DIR"] = args.webhook_cert_dir

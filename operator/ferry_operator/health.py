@@ -36,6 +36,7 @@ class WatchHealth:
     started: float = field(default_factory=time.monotonic)
     last_seen: float | None = None
     ready: bool = False
+    standby: bool = False  # kopf peering paused us in favour of a higher-priority peer
 
     def seen(self) -> None:
         self.last_seen = time.monotonic()
@@ -43,6 +44,11 @@ class WatchHealth:
     def problems(self, task_names: list[str], now: float | None = None) -> list[str]:
         """Why the operator is not live (empty when it is). Pure over its inputs."""
         now = time.monotonic() if now is None else now
+        if self.standby:
+            # A paused standby watches nothing on purpose; it is live as long as
+            # it answers. Restarting it would only churn the peering.
+            self.started, self.last_seen = now, now
+            return []
         out = []
         for plural in WATCHED_PLURALS:
             if not any(n.startswith("watcher for ") and plural in n for n in task_names):
@@ -124,3 +130,33 @@ def delete_canary() -> None:
         client.CoordinationV1Api(kube.api()).delete_namespaced_lease(canary_name(), canary_namespace())
     except Exception as exc:
         log.info("canary lease not deleted: %s", exc)
+
+
+def outranked(peers: dict[str, dict], priority: int, now: dt.datetime) -> bool:
+    """True when a live peer in a kopf peering object's status has a higher priority."""
+    for info in peers.values():
+        if not isinstance(info, dict) or "priority" not in info:
+            continue
+        seen = dt.datetime.fromisoformat(str(info.get("lastseen", "")).replace("Z", "+00:00")) \
+            if info.get("lastseen") else None
+        alive = seen is not None and seen + dt.timedelta(seconds=int(info.get("lifetime", 60))) > now
+        if alive and int(info["priority"]) > priority:
+            return True
+    return False
+
+
+async def watch_peering(health: WatchHealth, name: str, priority: int, stopped: asyncio.Event) -> None:
+    """Keep `health.standby` true while a live peer outranks this operator."""
+    api = client.CustomObjectsApi(kube.api())
+    while not stopped.is_set():
+        try:
+            obj = await asyncio.to_thread(api.get_cluster_custom_object, "kopf.dev", "v1",
+                                          "clusterkopfpeerings", name)
+            health.standby = outranked(obj.get("status") or {}, priority, dt.datetime.now(dt.UTC))
+        except Exception as exc:
+            log.debug("peering status unavailable: %s", exc)
+            health.standby = False
+        try:
+            await asyncio.wait_for(stopped.wait(), timeout=health.interval)
+        except TimeoutError:
+            pass

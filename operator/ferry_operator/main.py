@@ -23,6 +23,8 @@ JOB_CHECK_SECONDS = float(os.environ.get("FERRY_JOB_CHECK_SECONDS", "1"))
 LEASE_CHECK_SECONDS = min(RESYNC_SECONDS, float(os.environ.get("FERRY_LEASE_CHECK_SECONDS", "2")))
 HEALTH_PORT = int(os.environ.get("FERRY_HEALTH_PORT", "8080"))
 CANARY_SECONDS = float(os.environ.get("FERRY_CANARY_SECONDS", "10"))
+PEERING = os.environ.get("FERRY_PEERING", "")
+PRIORITY = int(os.environ.get("FERRY_PRIORITY", "0"))
 WEBHOOK_PORT = int(os.environ.get("FERRY_WEBHOOK_PORT", "0"))  # 0: no webhook server
 WEBHOOK_HOST = os.environ.get("FERRY_WEBHOOK_HOST", "")  # the name the apiserver dials
 WEBHOOK_CERT_DIR = os.environ.get("FERRY_WEBHOOK_CERT_DIR", "")
@@ -57,6 +59,9 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.admission.managed = GROUP
     _TASKS.append(await health.serve(HEALTH, HEALTH_PORT))
     _TASKS.append(asyncio.create_task(health.keep_canary(HEALTH, _STOP), name="ferry canary"))
+    if PEERING:
+        _TASKS.append(asyncio.create_task(health.watch_peering(HEALTH, PEERING, PRIORITY, _STOP),
+                                          name="ferry peering"))
     HEALTH.ready = True
 
 

@@ -98,3 +98,18 @@ def test_mismatched_replica_is_flagged_on_its_entry() -> None:
     status = {"members": [member("p0"), member("p1"), member("p2", fp="odd")]}
     st = weightsource.compute_status(WS, status, 1, ["p0", "p1", "p2"], T0, live={"p0", "p1", "p2"})
     assert st["members"] == [{"pod": "p2", "state": "Mismatched"}]
+
+
+def test_standby_peer_is_live_and_outranking_detection() -> None:
+    from ferry_operator.health import WatchHealth, outranked
+
+    h = WatchHealth(interval=1, grace=0, started=0.0)
+    assert h.problems([], now=100.0), "no watchers and no canary: not live"
+    h.standby = True
+    assert h.problems([], now=100.0) == []
+    fresh = T0.isoformat()
+    peers = {"a": {"priority": 5, "lifetime": 60, "lastseen": fresh},
+             "b": {"priority": 1, "lifetime": 60, "lastseen": fresh}}
+    assert outranked(peers, 1, T0 + timedelta(seconds=10))
+    assert not outranked(peers, 5, T0 + timedelta(seconds=10))
+    assert not outranked(peers, 1, T0 + timedelta(seconds=61)), "a dead peer outranks nobody"
