@@ -83,7 +83,7 @@ def register(subparsers: Any) -> None:
     run.add_argument("--post-threads", type=int, default=1, help="threads posting READs per lane")
     run.add_argument("--lanes", type=int, default=0, help="NIXL agents for READs (0: auto)")
     run.add_argument(
-        "--progress-delay-us", type=int, default=100, help="NIXL progress thread idle delay"
+        "--progress-delay-us", type=int, default=1000, help="NIXL progress thread idle delay"
     )
     run.add_argument("--layout", help="JSON file [{name, dtype, shape}] to declare at start")
     run.add_argument(

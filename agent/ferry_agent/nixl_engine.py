@@ -42,8 +42,11 @@ DEFAULT_HOST_LANES = 2
 # Microseconds the NIXL progress thread waits between idle polls. nixl's Python
 # wrapper hard-codes 0: an idle agent then burns a full core (measured: 2.95 CPU-s
 # in 3 s of idle sleep; 0.05 CPU-s with 100 us), which on a small node starves the
-# very copies it should drive. 100 us is noise next to a multi-MiB READ.
-DEFAULT_PROGRESS_DELAY_US = 100
+# very copies it should drive. Host pulls here (1 GiB, 2 lanes, paired runs):
+# 100 us -> ratio 0.40-0.41, 1000 us -> 0.48-0.51. Over CMA the copy completes
+# inside the post, so this thread is off the host data path; asynchronous
+# transports (cuda_ipc, RDMA) should re-measure it (`--progress-delay-us`).
+DEFAULT_PROGRESS_DELAY_US = 1000
 _construct_lock = threading.Lock()
 
 
