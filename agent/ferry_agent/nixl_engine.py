@@ -6,11 +6,16 @@ remote agents are cached across refit cycles under a key the caller builds
 from the peer's identity and layout fingerprint; a new key for the same peer
 drops the old entry (and its remote agent), so nothing stale is ever reused.
 
-Lanes: the engine may hold several NIXL agents (each its own UCX context and
-worker). Peers only ever see lane 0; the other lanes exist so that our own
-READs can run on several UCX workers at once: UCX serialises everything posted
-on one worker, and over its CMA path (host memory, same node) the copy happens
-inside the post.
+Lanes: the engine holds several NIXL agents, each its own UCX context and
+worker. Lane 0 serves peers (its metadata is what they load; it keeps NIXL's
+progress thread for their connection requests) and never posts our READs.
+Lanes 1..N post our READs, one posting thread each, and have no progress
+thread: their posting threads drive progress by polling. Why: UCX serialises
+everything on one worker, and over its CMA path (host memory, same node) the
+copy runs inside the post while holding the worker lock, so a progress thread
+on the same worker spins on that lock for the whole copy (perf: 34% of cycles
+in pthread_spin_lock). Measured here, 1 GiB in 16 READs: 1 lane with a
+progress thread 5.0-5.4 GB/s, 2 lanes with 4.9-6.2, 2 lanes without 8.0-10.3.
 """
 
 from __future__ import annotations
@@ -36,16 +41,13 @@ POLL_INTERVAL_S = 0.0002
 # threads on a lane only add contention (measured here, 2 cores, 1 GiB in 16
 # chunks, one lane: 1 thread 3.2-5.2 GB/s, 2 threads 2.2-3.0, 4 threads 1.7-2.6).
 DEFAULT_POST_THREADS = 1
-# Lanes for host memory. Measured here (1 GiB, 16 chunks, six alternating runs):
-# 1 lane 3.8-5.2 GB/s (median 4.5), 2 lanes 4.2-6.2 (median 5.0).
+# Read lanes for host memory: one per core a 2-core node can spare (see above).
 DEFAULT_HOST_LANES = 2
-# Microseconds the NIXL progress thread waits between idle polls. nixl's Python
-# wrapper hard-codes 0: an idle agent then burns a full core (measured: 2.95 CPU-s
-# in 3 s of idle sleep; 0.05 CPU-s with 100 us), which on a small node starves the
-# very copies it should drive. Host pulls here (1 GiB, 2 lanes, paired runs):
-# 100 us -> ratio 0.40-0.41, 1000 us -> 0.48-0.51. Over CMA the copy completes
-# inside the post, so this thread is off the host data path; asynchronous
-# transports (cuda_ipc, RDMA) should re-measure it (`--progress-delay-us`).
+# Microseconds the serving lane's progress thread waits between idle polls. nixl's
+# Python wrapper hard-codes 0: an idle agent then burns a full core (measured:
+# 2.95 CPU-s in 3 s of idle sleep; 0.05 CPU-s at 100 us, 0.02 at 1000 us), which
+# on a small node starves the copies. The thread only answers peers' connection
+# set-up (our READs run on lanes without one), so 1 ms of latency costs nothing.
 DEFAULT_PROGRESS_DELAY_US = 1000
 _construct_lock = threading.Lock()
 
@@ -159,19 +161,23 @@ class NixlEngine:
         self.post_threads = max(1, post_threads)
         self.thread_init = thread_init  # run first on every posting thread (CUDA device)
         sync = self._nixl.nixl_thread_sync_t
-        cfg = self._nixl.nixl_agent_config(
-            enable_prog_thread=True,
-            enable_listen_thread=False,
-            num_threads=num_threads,
-            backends=list(backends),
-            # Each agent is only ever called under its lane lock (below). NIXL's STRICT
-            # mode instead serialised the lanes against each other (measured, 2 lanes:
-            # STRICT 4.7-5.5 GB/s, own locks + NONE 5.2-6.4).
-            sync_mode=sync.NIXL_THREAD_SYNC_NONE,
-        )
-        self._agents = [
-            self._new_agent(name if k == 0 else f"{name}~lane{k}", cfg, progress_delay_us)
-            for k in range(max(1, lanes))
+
+        def config(progress_thread: bool) -> Any:
+            return self._nixl.nixl_agent_config(
+                enable_prog_thread=progress_thread,
+                enable_listen_thread=False,
+                num_threads=num_threads,
+                backends=list(backends),
+                # Each agent is only ever called under its lane lock (below). NIXL's
+                # STRICT mode serialised the lanes against each other instead
+                # (measured, 2 lanes: STRICT 4.7-5.5 GB/s, own locks + NONE 5.2-6.4).
+                sync_mode=sync.NIXL_THREAD_SYNC_NONE,
+            )
+
+        self._agents = [self._new_agent(name, config(True), progress_delay_us)]
+        self._agents += [
+            self._new_agent(f"{name}~read{k}", config(False), progress_delay_us)
+            for k in range(1, max(1, lanes) + 1)
         ]
         self._lane_locks = [threading.Lock() for _ in self._agents]
         self._lock = threading.RLock()
@@ -182,7 +188,8 @@ class NixlEngine:
 
     @property
     def lanes(self) -> int:
-        return len(self._agents)
+        """Read lanes (agents 1..N); agent 0 only serves peers."""
+        return len(self._agents) - 1
 
     def _new_agent(self, name: str, cfg: Any, delay_us: int) -> Any:
         """nixl_agent(name, cfg) with the progress thread's idle delay set (see above):
@@ -278,7 +285,7 @@ class NixlEngine:
                 del self._prepared[peer]
             local = np.ascontiguousarray(local, np.uint64)
             remote = np.ascontiguousarray(remote, np.uint64)
-            used = sorted({g % self.lanes for g in range(len(groups))})
+            used = sorted({1 + g % self.lanes for g in range(len(groups))})
             dlists: list[tuple[int, Any]] = []
             lane_lists: dict[int, tuple[Any, Any]] = {}
             for lane in used:
@@ -293,7 +300,7 @@ class NixlEngine:
             handles: list[tuple[int, Any]] = []
             sizes: list[int] = []
             for g, members in enumerate(groups):
-                lane = g % self.lanes
+                lane = 1 + g % self.lanes
                 ldl, rdl = lane_lists[lane]
                 idx = np.asarray(members, dtype=np.int32)
                 with self._lane_locks[lane]:
@@ -326,7 +333,7 @@ class NixlEngine:
             entry = self._prepared.pop(peer, None)
             if entry is not None:
                 self._release_entry(entry)
-            for lane in range(self.lanes):
+            for lane in range(len(self._agents)):
                 self._remove_remote(peer, lane)
 
     def peers(self) -> list[str]:
@@ -350,7 +357,7 @@ class NixlEngine:
         `check_interval_s` on the calling thread and may raise to abort (e.g. the
         source version changed). On any error the affected peers are dropped so
         the next cycle starts clean."""
-        st = _ReadState(work, self.lanes, max_bytes_per_s)
+        st = _ReadState(work, len(self._agents), max_bytes_per_s)
         per_worker = max(1, max_inflight // (self.lanes * self.post_threads))
         workers = [
             threading.Thread(
@@ -359,7 +366,7 @@ class NixlEngine:
                 name=f"nixl-post-{lane}.{k}",
                 daemon=True,
             )
-            for lane in range(self.lanes)
+            for lane in range(len(self._agents))
             if st.queues[lane]
             for k in range(min(self.post_threads, len(st.queues[lane])))
         ]
