@@ -230,7 +230,7 @@ class TransferBench:
         return {
             "bench": "transfer",
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "command": "ferry bench " + " ".join(sys.argv[1:]),
+            "command": _command(),
             "machine": {
                 "loadavg_before": list(load_before),
                 "loadavg_after": list(os.getloadavg()),
@@ -264,6 +264,12 @@ class TransferBench:
             "warm_dlists_prepared": sum(int(r.dlists_prepared) for r in warm),
             "warm_dlists_reused": sum(int(r.dlists_reused) for r in warm),
         }
+
+
+def _command() -> str:
+    argv = sys.argv[1:]
+    rest = argv[argv.index("transfer") + 1 :] if "transfer" in argv else argv
+    return " ".join(["ferry", "bench", "transfer", *rest])
 
 
 def _nixl_version() -> str:
