@@ -235,6 +235,7 @@ class TransferBench:
                 "loadavg_before": list(load_before),
                 "loadavg_after": list(os.getloadavg()),
                 "hostname": platform.node(),
+                "cpu": _cpu_model(),
                 "cpus": os.cpu_count(),
                 "kernel": platform.release(),
                 "python": platform.python_version(),
@@ -264,6 +265,17 @@ class TransferBench:
             "warm_dlists_prepared": sum(int(r.dlists_prepared) for r in warm),
             "warm_dlists_reused": sum(int(r.dlists_reused) for r in warm),
         }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def _command() -> str:
