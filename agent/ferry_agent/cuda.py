@@ -25,6 +25,13 @@ class CudaError(RuntimeError):
     pass
 
 
+class IpcMemHandle(ctypes.Structure):
+    """cudaIpcMemHandle_t: passed *by value* to cudaIpcOpenMemHandle (a bare ctypes
+    array would decay to a pointer)."""
+
+    _fields_ = [("reserved", ctypes.c_char * IPC_HANDLE_BYTES)]
+
+
 def _candidates() -> list[str]:
     """libcudart already mapped in this process (torch's), then the pip wheels, then the system."""
     out: list[str] = []
@@ -113,7 +120,7 @@ class CudaSlab:
         ptr = ctypes.c_void_p()
         _check(lib.cudaMalloc(ctypes.byref(ptr), ctypes.c_size_t(nbytes)), f"cudaMalloc({nbytes})")
         _check(lib.cudaMemset(ptr, 0, ctypes.c_size_t(nbytes)), "cudaMemset")
-        handle = (ctypes.c_byte * IPC_HANDLE_BYTES)()
+        handle = IpcMemHandle()
         _check(lib.cudaIpcGetMemHandle(ctypes.byref(handle), ptr), "cudaIpcGetMemHandle")
         return cls(index, int(ptr.value or 0), nbytes, device, bytes(handle), owner=True)
 
@@ -124,10 +131,12 @@ class CudaSlab:
             raise ValueError(f"CUDA IPC handle must be {IPC_HANDLE_BYTES} bytes, got {len(raw)}")
         lib = cudart()
         _check(lib.cudaSetDevice(device), f"cudaSetDevice({device})")
-        handle = (ctypes.c_byte * IPC_HANDLE_BYTES).from_buffer_copy(raw)
+        handle = IpcMemHandle.from_buffer_copy(raw)
         ptr = ctypes.c_void_p()
         _check(
-            lib.cudaIpcOpenMemHandle(ctypes.byref(ptr), handle, CUDA_IPC_LAZY_ENABLE_PEER_ACCESS),
+            lib.cudaIpcOpenMemHandle(
+                ctypes.byref(ptr), handle, ctypes.c_uint(CUDA_IPC_LAZY_ENABLE_PEER_ACCESS)
+            ),
             "cudaIpcOpenMemHandle",
         )
         return cls(index, int(ptr.value or 0), nbytes, device, raw, owner=False)
