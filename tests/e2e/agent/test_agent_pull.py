@@ -91,6 +91,12 @@ def test_layout_mismatch_refused_before_any_byte_moves(cluster):
     assert any(specs[10].name in d for d in err.value.differences)
     assert snapshot(de) == before
     assert all(b == 0xAB for s in de._slabs for b in s.array[::4096])
+    body = urllib.request.urlopen(
+        f"http://127.0.0.1:{dst.ready['metrics_port']}/metrics", timeout=5
+    )
+    assert (
+        'ferry_agent_transfer_failures_total{reason="LayoutMismatch"} 1.0' in body.read().decode()
+    )
 
 
 def test_fresh_target_adopts_layout_and_engine_attaches(cluster):
