@@ -124,7 +124,7 @@ def reap_stale(prefix: str, shm_dir: str = SHM_DIR) -> list[str]:
     A killed agent cannot unlink its slabs, and a pod's /dev/shm (an emptyDir)
     outlives a container restart: without this, every crash would leak a
     weight set's worth of memory."""
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(shm_dir)
     except OSError:
