@@ -150,6 +150,7 @@ class Agent:
         self.control: ControlServer | None = None
         self.metrics_server: MetricsServer | None = None
         self._extra_servicers: list[tuple[Any, Any]] = []
+        self.startup_gates: list[Any] = []
 
     def _cuda_thread_init(self) -> None:
         from .cuda import set_device
@@ -159,6 +160,10 @@ class Agent:
     # -- lifecycle ----------------------------------------------------------------
     def token(self) -> str:
         return self._token_file.get() if self._token_file else str(self.config.token)
+
+    def add_startup_gate(self, gate: Any) -> None:
+        """A check that must pass before /startupz does (e.g. caches installed or given up)."""
+        self.startup_gates.append(gate)
 
     def add_servicer(self, add_fn: Any, servicer: Any) -> None:
         """Serve another gRPC service (same port, same token check); call before start()."""
@@ -179,7 +184,10 @@ class Agent:
             ).start()
         if self.config.metrics_port is not None:
             self.metrics_server = MetricsServer(
-                self.metrics, self.config.metrics_port, ready=lambda: self._layout is not None
+                self.metrics,
+                self.config.metrics_port,
+                ready=lambda: self._layout is not None,
+                started=lambda: all(gate() for gate in self.startup_gates),
             ).start()
         return self
 

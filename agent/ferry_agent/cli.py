@@ -146,6 +146,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
+        from .k8s import runtime
+
+        artifacts = runtime.prepare(agent)
         agent.start()
         if args.layout:
             with open(args.layout) as f:
@@ -165,7 +168,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             with open(tmp, "w") as f:
                 json.dump(ready, f)
             os.replace(tmp, args.ready_file)
-        kube = _attach_kube(agent, cfg)
+        kube = _attach_kube(agent, cfg, artifacts)
         while not stop.wait(0.5):
             pass
     finally:
@@ -175,7 +178,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _attach_kube(agent: Any, cfg: Any) -> Any:
+def _attach_kube(agent: Any, cfg: Any, artifacts: Any = None) -> Any:
     """Report to the control plane when running in a cluster (or given a kubeconfig)."""
     from .k8s import runtime
 
@@ -189,6 +192,7 @@ def _attach_kube(agent: Any, cfg: Any) -> Any:
         endpoint=agent.endpoint,
         lease_seconds=int(os.environ.get("FERRY_LEASE_SECONDS", "15")),
         renew_seconds=float(os.environ.get("FERRY_RENEW_SECONDS", "5")),
+        artifacts=artifacts,
     )
 
 

@@ -67,7 +67,8 @@ class AgentMetrics:
 
 
 class MetricsServer:
-    """Serves /metrics and health probes; `ready` decides /readyz."""
+    """Serves /metrics and health probes; `ready` decides /readyz and `started`
+    /startupz (the sidecar's startup probe: the engine starts only after it)."""
 
     def __init__(
         self,
@@ -75,6 +76,7 @@ class MetricsServer:
         port: int,
         host: str = "0.0.0.0",
         ready: Callable[[], bool] = lambda: True,
+        started: Callable[[], bool] = lambda: True,
     ):
         outer = self
 
@@ -84,8 +86,8 @@ class MetricsServer:
                     body, ctype, code = outer.metrics.render(), CONTENT_TYPE_LATEST, 200
                 elif self.path.startswith("/healthz"):
                     body, ctype, code = b"ok\n", "text/plain", 200
-                elif self.path.startswith("/readyz"):
-                    ok = outer.ready()
+                elif self.path.startswith(("/readyz", "/startupz")):
+                    ok = outer.ready() if self.path.startswith("/readyz") else outer.started()
                     body, ctype, code = (
                         (b"ready\n", "text/plain", 200)
                         if ok
@@ -104,6 +106,7 @@ class MetricsServer:
 
         self.metrics = metrics
         self.ready = ready
+        self.started = started
         self._httpd = ThreadingHTTPServer((host, port), Handler)
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]

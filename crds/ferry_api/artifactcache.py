@@ -47,19 +47,43 @@ class Trust(ApiModel):
     required: bool = Field(default=True, description="Refuse caches that are unsigned or wrongly signed.")
 
 
+# Fields that decide whether a cache of each kind can be reused (snake_case as in
+# CacheIdentity). torch.compile caches depend on everything; Triton and DeepGEMM
+# caches key their entries themselves, so the model does not matter to them.
+REQUIRED_IDENTITY: dict[str, tuple[str, ...]] = {
+    "torch-compile": ("model", "framework", "framework_version", "torch", "cuda", "triton",
+                      "gpu_arch", "compile_config_digest"),
+    "triton": ("triton", "cuda", "gpu_arch"),
+    "deepgemm": ("cuda", "gpu_arch"),
+}
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(w.title() for w in rest)
+
+
+def _identity_rules() -> list[dict[str, str]]:
+    rules = [{
+        "rule": "!('torch-compile' in self.kinds) || has(self.identity.model)",
+        "message": "identity.model is required when kinds includes torch-compile (its caches are keyed by model)",
+        "fieldPath": ".identity.model",
+        "reason": "FieldValueRequired",
+    }]
+    for kind, fields in REQUIRED_IDENTITY.items():
+        names = [_camel(f) for f in fields]
+        rules.append({
+            "rule": f"!('{kind}' in self.kinds) || " + " && ".join(f"has(self.identity.{n})" for n in names),
+            "message": f"kinds includes {kind}: identity needs " + ", ".join(names)
+            + " (they decide whether a cache can be reused)",
+            "fieldPath": ".identity",
+            "reason": "FieldValueRequired",
+        })
+    return rules
+
+
 class ArtifactCacheSpec(ApiModel):
-    model_config = ApiModel.model_config | {
-        "json_schema_extra": k8s(
-            validations=[
-                {
-                    "rule": "!('torch-compile' in self.kinds) || has(self.identity.model)",
-                    "message": "identity.model is required when kinds includes torch-compile (its caches are keyed by model)",
-                    "fieldPath": ".identity.model",
-                    "reason": "FieldValueRequired",
-                }
-            ]
-        )
-    }
+    model_config = ApiModel.model_config | {"json_schema_extra": k8s(validations=_identity_rules())}
 
     identity: CacheIdentity = Field(
         description="Identity the cache must match.",
@@ -84,6 +108,32 @@ class ArtifactCacheSpec(ApiModel):
     )
 
 
+class CacheRef(ApiModel):
+    kind: CacheKind = Field(description="Cache kind.")
+    identity: str | None = Field(default=None, max_length=64, description="sha256 of the canonical identity.")
+    manifest_id: str = Field(max_length=80, description="sha256 of the canonical manifest.")
+    bytes: int | None = Field(default=None, ge=0, description="Bytes in the cache.")
+    files: int | None = Field(default=None, ge=0, description="Files in the cache.")
+
+
+class CacheMember(ApiModel):
+    """One pod's entry, written only by that pod's agent (server-side apply)."""
+
+    pod: str = Field(min_length=1, max_length=253, description="Pod name.")
+    role: Literal["source", "target"] | None = Field(default=None, description="source: packs and serves; target: installs.")
+    endpoint: str | None = Field(default=None, max_length=300, description="host:port of the agent's gRPC service.")
+    state: Literal["Packed", "Missing", "Waiting", "Installing", "Installed", "Failed"] | None = Field(
+        default=None,
+        description="Sources: Packed (serving) or Missing (no warm cache here). Targets: Waiting (for a source), Installing, Installed, Failed (gave up; the engine starts cold).",
+    )
+    caches: list[CacheRef] | None = Field(
+        default=None, max_length=3, description="Caches packed (sources) or installed (targets).",
+        json_schema_extra=k8s(list_type="atomic"),
+    )
+    reason: str | None = Field(default=None, max_length=128, description="CamelCase reason of a failure.")
+    message: str | None = Field(default=None, max_length=1024, description="Detail of a failure.")
+
+
 class InstallFailure(ApiModel):
     pod: str = Field(min_length=1, max_length=253, description="Target pod.")
     reason: str = Field(max_length=128, description="CamelCase reason.")
@@ -94,7 +144,14 @@ class ArtifactCacheStatus(ApiModel):
     conditions: list[Condition] | None = conditions_field()
     observed_generation: int | None = observed_generation_field()
     source: str | None = Field(default=None, description="Pod serving the cache.")
-    manifest_id: str | None = Field(default=None, description="sha256 of the canonical manifest.")
+    manifest_id: str | None = Field(
+        default=None,
+        description="sha256 of the canonical manifest (one kind), or of the kind:manifest lines of all kinds.",
+    )
+    caches: list[CacheRef] | None = Field(
+        default=None, max_length=3, description="Per-kind caches served by the source.",
+        json_schema_extra=k8s(list_type="atomic"),
+    )
     bytes: int | None = Field(default=None, ge=0, description="Bytes in the cache.")
     files: int | None = Field(default=None, ge=0, description="Files in the cache.")
     trust: Literal["Signed", "Unverified"] | None = Field(
@@ -105,8 +162,14 @@ class ArtifactCacheStatus(ApiModel):
     targets: int | None = Field(default=None, ge=0, description="Target pods selected.")
     failures: list[InstallFailure] | None = Field(
         default=None,
-        description="Targets that gave up, keyed by pod.",
+        description="Targets that gave up (compact, at most 20), keyed by pod.",
         max_length=1000,
+        json_schema_extra=k8s(list_type="map", map_keys=["pod"]),
+    )
+    members: list[CacheMember] | None = Field(
+        default=None,
+        description="Per-pod entries, keyed by pod; each agent writes only its own.",
+        max_length=4096,
         json_schema_extra=k8s(list_type="map", map_keys=["pod"]),
     )
 
@@ -127,3 +190,13 @@ class ArtifactCache(ApiModel):
 
     spec: ArtifactCacheSpec
     status: ArtifactCacheStatus | None = None
+
+
+def combined_manifest_id(caches: list[dict[str, object]]) -> str:
+    """status.manifestId: one kind's manifest id, or sha256 of the sorted `kind:manifestId` lines."""
+    import hashlib
+
+    if len(caches) == 1:
+        return str(caches[0]["manifestId"])
+    lines = "".join(f"{c['kind']}:{c['manifestId']}\n" for c in sorted(caches, key=lambda c: str(c["kind"])))
+    return "sha256:" + hashlib.sha256(lines.encode()).hexdigest()

@@ -76,7 +76,12 @@ def agent_container(s: InjectSettings) -> dict[str, Any]:
             {"name": "ferry-socket", "mountPath": SOCKET_DIR},
             {"name": "ferry-token", "mountPath": TOKEN_DIR, "readOnly": True},
         ],
-        "startupProbe": {"grpc": {"port": GRPC_PORT}, "periodSeconds": 2, "failureThreshold": 150},
+        # Native sidecars must pass their startup probe before the app containers
+        # start: /startupz turns 200 once caches are installed (or given up on).
+        "startupProbe": {"httpGet": {"path": "/startupz", "port": "ferry-metrics"},
+                         "periodSeconds": 2, "failureThreshold": 900},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "ferry-metrics"},
+                          "periodSeconds": 10, "failureThreshold": 3},
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                             "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}},
     }

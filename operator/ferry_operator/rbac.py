@@ -122,30 +122,36 @@ AGENT: tuple[Permission, ...] = (
         ("patch",),
         "server-side apply of the agent's own member entry, one field manager per pod",
     ),
-    *(
-        Permission(
-            FERRY,
-            f"{k}/status",
-            ("patch",),
-            "the agent's own per-pod entry in RefitJob and ArtifactCache status",
-            via="design",
-        )
-        for k in ("refitjobs", "artifactcaches")
+    Permission(
+        FERRY,
+        "refitjobs/status",
+        ("patch",),
+        "server-side apply of the agent's own target entry: phase, bytes, reason (k8s/jobs.py)",
+    ),
+    Permission(
+        FERRY,
+        "artifactcaches/status",
+        ("patch",),
+        "server-side apply of the agent's own cache entry: packed or installed (k8s/artifacts.py)",
     ),
     Permission(FERRY, "weightsources", ("list",), "which WeightSources select this pod"),
     Permission(
         FERRY,
         "weightsources",
-        ("get", "watch"),
-        "a target follows its source's endpoints",
-        via="design",
+        ("get",),
+        "a target resolves its upstream pods to endpoints (k8s/jobs.py)",
     ),
     Permission(
         FERRY,
         "refitjobs",
-        ("get", "list", "watch"),
-        "a target learns which version to pull",
-        via="design",
+        ("get", "list"),
+        "a target finds its assignments and the version to pull (k8s/jobs.py polls)",
+    ),
+    Permission(
+        FERRY,
+        "artifactcaches",
+        ("list",),
+        "which ArtifactCaches this pod packs for or installs (k8s/artifacts.py)",
     ),
     Permission("", "pods", ("get",), "the agent reads its own pod's labels"),
 )

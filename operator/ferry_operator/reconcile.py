@@ -143,8 +143,9 @@ def artifactcache_(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
 
     def compute(spec: ArtifactCacheSpec, status: dict, generation: int) -> dict:
         sources = _pod_names(ns, spec.sources.to_label_selector())
-        targets = _pod_names(ns, spec.targets.to_label_selector())
-        return artifactcache.compute_status(spec, status, generation, sources, targets, now())
+        targets = [p for p in _pod_names(ns, spec.targets.to_label_selector()) if p not in sources]
+        live = kube.live_agents(ns, now())
+        return artifactcache.compute_status(spec, status, generation, sources, targets, now(), live)
 
     _run(artifactcache.KIND, artifactcache.PLURAL, body, logger, compute, ArtifactCacheSpec,
          ["Ready", "Degraded"])

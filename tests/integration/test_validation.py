@@ -33,7 +33,7 @@ AC: dict[str, Any] = {
     "metadata": {"name": "ac"},
     "spec": {
         "kinds": ["triton"],
-        "identity": {"triton": "3.7.1", "gpuArch": "sm_90"},
+        "identity": {"triton": "3.7.1", "cuda": "13.0", "gpuArch": "sm_90"},
         "sources": {"matchLabels": {"warm": "true"}},
         "targets": {"matchLabels": {"app": "inference"}},
     },
@@ -90,6 +90,7 @@ CREATE_CASES = [
     ("ac-no-kinds", with_(AC, "spec.kinds", []), ["spec.kinds"]),
     ("ac-bad-kind", with_(AC, "spec.kinds", ["jax"]), ["spec.kinds[0]", "triton"]),
     ("ac-torch-compile-needs-model", with_(AC, "spec.kinds", ["torch-compile"]), ["spec.identity.model", "torch-compile"]),
+    ("ac-triton-needs-versions", with_(AC, "spec.identity", {"triton": "3.7.1"}), ["spec.identity", "cuda", "gpuArch"]),
     ("ac-zero-max-bytes", with_(AC, "spec.maxBytes", 0), ["spec.maxBytes"]),
     ("ac-bad-digest", with_(AC, "spec.identity", {"compileConfigDigest": "md5:abc"}), ["spec.identity.compileConfigDigest"]),
     ("ac-bad-arch", with_(AC, "spec.identity", {"gpuArch": "hopper"}), ["spec.identity.gpuArch"]),
@@ -104,7 +105,8 @@ UPDATE_CASES = [
     ("rj-version-immutable", RJ, "spec.version", "17", ["spec.version", "immutable"]),
     ("rj-strategy-immutable", RJ, "spec.strategy", {"type": "tree"}, ["spec.strategy", "immutable"]),
     ("ws-model-immutable", WS, "spec.model.name", "mistral", ["spec.model.name", "immutable"]),
-    ("ac-identity-immutable", AC, "spec.identity", {"triton": "3.8.0"}, ["spec.identity", "immutable"]),
+    ("ac-identity-immutable", AC, "spec.identity", {"triton": "3.8.0", "cuda": "13.0", "gpuArch": "sm_90"},
+     ["spec.identity", "immutable"]),
 ]
 
 

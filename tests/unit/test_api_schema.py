@@ -76,3 +76,11 @@ def test_api_reference_is_not_stale() -> None:
     from ferry_api import apidocs
 
     assert not apidocs.write(check=True), "run `make crds` to regenerate docs/api.md"
+
+
+def test_identity_requirements_match_the_agent() -> None:
+    """The CRD's CEL rules and the agent's identity check require the same fields."""
+    from ferry_agent.artifacts.identity import REQUIRED
+    from ferry_api.artifactcache import REQUIRED_IDENTITY
+
+    assert REQUIRED_IDENTITY == REQUIRED

@@ -24,8 +24,9 @@ from pathlib import Path
 from ferry_operator import rbac
 
 REPO = Path(__file__).resolve().parents[2]
-# dev/ is the local control plane used by tests and the demo (admin credentials).
-SKIP = ("/dev/", "/proto/", "/bench/")
+# dev/ is the local control plane used by tests and the demo (admin credentials);
+# kubectl/ is the kubectl plugin, which runs with the user's own credentials.
+SKIP = ("/dev/", "/proto/", "/bench/", "/kubectl/")
 CALL = re.compile(
     r"\.(get|list|read|create|patch|replace|delete)_(namespaced_|cluster_)?([a-z_]+?)"
     r"(_for_all_namespaces)?\("

@@ -62,13 +62,41 @@ def test_weightsource_stale_replica_degrades() -> None:
 
 
 def test_artifactcache_trust_modes() -> None:
-    base = {"kinds": ["triton"], "identity": {}, "sources": {"matchLabels": {"a": "b"}},
-            "targets": {"matchLabels": {"c": "d"}}}
+    base = {"kinds": ["triton"], "identity": {"triton": "3.7", "cuda": "13.0", "gpuArch": "sm_90"},
+            "sources": {"matchLabels": {"a": "b"}}, "targets": {"matchLabels": {"c": "d"}}}
     st = artifactcache.compute_status(ArtifactCacheSpec.model_validate(base), {}, 1, [], [], T0)
     assert st["trust"] == "Unverified" and "trust their peers" in cond(st, "Trusted")["message"]
+    assert cond(st, "Ready")["reason"] == "NoSource"
     signed = ArtifactCacheSpec.model_validate({**base, "trust": {"secretRef": "k"}})
-    st = artifactcache.compute_status(signed, {"manifestId": "sha256:" + "0" * 64}, 1, ["s"], ["t"], T0)
-    assert st["trust"] == "Signed" and cond(st, "Ready")["status"] == "True"
+    st = artifactcache.compute_status(signed, {}, 1, ["s"], ["t"], T0)
+    assert st["trust"] == "Signed" and cond(st, "Ready")["reason"] == "NoMatchingCache"
+
+
+def _cache(kind: str, mid: str) -> dict:
+    return {"kind": kind, "identity": "i" * 64, "manifestId": mid, "bytes": 100, "files": 3}
+
+
+def test_artifactcache_picks_a_covering_source_and_counts_installs() -> None:
+    spec = ArtifactCacheSpec.model_validate({
+        "kinds": ["triton", "deepgemm"], "identity": {"triton": "3.7", "cuda": "13.0", "gpuArch": "sm_90"},
+        "sources": {"matchLabels": {"a": "b"}}, "targets": {"matchLabels": {"c": "d"}}})
+    caches = [_cache("triton", "1" * 64), _cache("deepgemm", "2" * 64)]
+    members = [
+        {"pod": "s0", "role": "source", "state": "Packed", "caches": caches[:1]},  # lacks deepgemm
+        {"pod": "s1", "role": "source", "state": "Packed", "caches": caches},
+        {"pod": "t0", "role": "target", "state": "Installed", "caches": caches},
+        {"pod": "t1", "role": "target", "state": "Failed", "reason": "SignatureInvalid", "message": "bad"},
+        {"pod": "t2", "role": "target", "state": "Installing"},
+    ]
+    st = artifactcache.compute_status(spec, {"members": members}, 1, ["s0", "s1"], ["t0", "t1", "t2"], T0,
+                                      live={"s0", "s1"})
+    assert st["source"] == "s1" and st["bytes"] == 200 and st["files"] == 6
+    assert st["manifestId"].startswith("sha256:") and st["installed"] == 1
+    assert st["failures"] == [{"pod": "t1", "reason": "SignatureInvalid", "message": "bad"}]
+    assert cond(st, "Ready")["status"] == "True" and cond(st, "Degraded")["reason"] == "InstallFailures"
+    # a source whose agent died is not chosen
+    st = artifactcache.compute_status(spec, {"members": members}, 1, ["s0", "s1"], ["t0"], T0, live={"s0"})
+    assert "source" not in st and cond(st, "Ready")["reason"] == "NoMatchingCache"
 
 
 def test_human_bytes() -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from kubernetes import client, config
 
+from .artifacts import ArtifactAgent
 from .jobs import JobRunner
 from .reporter import Identity, Reporter
 
@@ -56,18 +57,29 @@ def agent_info(agent: Any) -> dict[str, Any]:
 class KubeLink:
     reporter: Reporter
     jobs: JobRunner
+    artifacts: ArtifactAgent | None
 
     def stop(self) -> None:
         # Jobs first (cancel pulls), then the reporter: Stale is the last word.
         self.jobs.stop()
+        if self.artifacts is not None:
+            self.artifacts.stop()
         self.reporter.stop()
 
 
+def prepare(agent: Any) -> ArtifactAgent | None:
+    """Before agent.start(): what must be registered with the agent's gRPC server."""
+    return ArtifactAgent(agent) if enabled() else None
+
+
 def attach(agent: Any, pod: str, namespace: str, node: str | None, endpoint: str,
-           lease_seconds: int = 15, renew_seconds: float = 5.0) -> KubeLink:
+           lease_seconds: int = 15, renew_seconds: float = 5.0,
+           artifacts: ArtifactAgent | None = None) -> KubeLink:
     api = api_client()
     ident = Identity(pod, namespace, node, endpoint)
     reporter = Reporter(ident, lambda: agent_info(agent), api, lease_seconds, renew_seconds).start()
     jobs = JobRunner(agent, ident, api, on_done=reporter.poke).start()
+    if artifacts is not None:
+        artifacts.bind(ident, api).start()
     log.info("reporting to the control plane as %s/%s (%s)", namespace, pod, endpoint)
-    return KubeLink(reporter, jobs)
+    return KubeLink(reporter, jobs, artifacts)

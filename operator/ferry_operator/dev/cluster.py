@@ -24,6 +24,7 @@ from kubernetes import config as k8s_config
 from .controlplane import ControlPlane, free_port
 
 NODE_PREFIX = "dev-node-"
+CACHE_KINDS = ("torch-compile", "triton", "deepgemm")
 
 
 @dataclass
@@ -34,6 +35,8 @@ class AgentProc:
     endpoint: str
     socket: str
     log: Path
+    metrics_port: int | None = None
+    cache_dir: Path | None = None  # per-kind subdirectories: FERRY_CACHE_DIRS
 
 
 @dataclass
@@ -133,11 +136,16 @@ class DevCluster:
         env = {**os.environ, "KUBECONFIG": str(self.cp.kubeconfig), "POD_NAME": pod,
                "POD_NAMESPACE": self.namespace, "POD_IP": "127.0.0.1", "NODE_NAME": node,
                "PYTHONUNBUFFERED": "1", "FERRY_LEASE_SECONDS": str(self.lease_seconds),
-               "FERRY_RENEW_SECONDS": str(self.renew_seconds), **self.env}
+               "FERRY_RENEW_SECONDS": str(self.renew_seconds),
+               # JIT caches per pod; trust keys in one folder (the stand-in for mounted Secrets)
+               "FERRY_CACHE_DIRS": ";".join(f"{k}={adir / 'cache' / k}" for k in CACHE_KINDS),
+               "FERRY_ARTIFACT_STORE": str(adir / "store"),
+               "FERRY_TRUST_DIR": str(self.workdir / "trust"),
+               **self.env}
         log = adir / "agent.log"
         proc = subprocess.Popen(
             [sys.executable, "-m", "ferry_api.cli", "agent", "run", "--memory", self.memory,
-             "--grpc-port", "0", "--grpc-host", "127.0.0.1", "--metrics-port", "-1",
+             "--grpc-port", "0", "--grpc-host", "127.0.0.1", "--metrics-port", "0",
              "--control-socket", sock, "--token-file", str(self.token_file),
              "--slab-bytes", "256Mi", "--rails", "off", "--ready-file", str(ready)],
             env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
@@ -148,7 +156,8 @@ class DevCluster:
                 raise RuntimeError(f"agent {pod} did not start:\n{log.read_text()[-3000:]}")
             time.sleep(0.1)
         info = json.loads(ready.read_text())
-        agent = AgentProc(pod, role, proc, info["endpoint"], sock, log)
+        agent = AgentProc(pod, role, proc, info["endpoint"], sock, log, info.get("metrics_port"),
+                          adir / "cache")
         self.agents[pod] = agent
         return agent
 
