@@ -18,6 +18,8 @@ INJECT_LABEL = "ferry.dev/inject"
 AGENT_NAME = "ferry-agent"
 SOCKET_DIR = "/var/run/ferry"
 TOKEN_DIR = "/etc/ferry/token"
+TRUST_DIR = "/etc/ferry/trust"
+PRIVATE_KEY = "ed25519.key"
 GRPC_PORT = 50051
 METRICS_PORT = 9400
 
@@ -87,7 +89,25 @@ def agent_container(s: InjectSettings) -> dict[str, Any]:
     }
 
 
-def inject(pod_spec: dict[str, Any], s: InjectSettings) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class TrustMount:
+    """An ArtifactCache trust Secret for this pod: sources get the signing key, targets only the public key."""
+
+    secret: str
+    public_key: str
+    signer: bool
+
+
+def trust_volume(m: TrustMount) -> dict[str, Any]:
+    items = [{"key": m.public_key, "path": m.public_key}]
+    if m.signer:
+        items.append({"key": PRIVATE_KEY, "path": PRIVATE_KEY})
+    return {"name": f"ferry-trust-{m.secret}"[:63],
+            "secret": {"secretName": m.secret, "items": items, "defaultMode": 0o440}}
+
+
+def inject(pod_spec: dict[str, Any], s: InjectSettings,
+           trust: list[TrustMount] | None = None) -> dict[str, Any] | None:
     """The pod spec with the sidecar added, or None when it is already there (idempotent)."""
     if any(c.get("name") == AGENT_NAME for c in pod_spec.get("initContainers") or []):
         return None
@@ -112,6 +132,32 @@ def inject(pod_spec: dict[str, Any], s: InjectSettings) -> dict[str, Any] | None
         env = container.setdefault("env", [])
         if not any(e.get("name") == "FERRY_AGENT_SOCKET" for e in env):
             env.append({"name": "FERRY_AGENT_SOCKET", "value": f"{SOCKET_DIR}/agent.sock"})
+    agent = agent_container(s)
+    agent["env"].append({"name": "FERRY_TRUST_DIR", "value": TRUST_DIR})
+    for m in sorted(trust or [], key=lambda m: m.secret):
+        vol = trust_volume(m)
+        if vol["name"] not in have:
+            volumes.append(vol)
+        agent["volumeMounts"].append({"name": vol["name"], "mountPath": f"{TRUST_DIR}/{m.secret}",
+                                      "readOnly": True})
     # The agent goes first so it is up before any other init container or the engine.
-    spec["initContainers"] = [agent_container(s), *(spec.get("initContainers") or [])]
+    spec["initContainers"] = [agent, *(spec.get("initContainers") or [])]
     return spec
+
+
+def trust_mounts(pod_labels: dict[str, str], caches: list[dict[str, Any]],
+                 matches: Any) -> list[TrustMount]:
+    """Trust Secrets of the ArtifactCaches that select this pod (`matches(selector, labels)`)."""
+    out: dict[str, TrustMount] = {}
+    for ac in caches:
+        spec = ac.get("spec") or {}
+        trust = spec.get("trust")
+        if not trust:
+            continue
+        signer = matches(spec.get("sources") or {}, pod_labels)
+        if not signer and not matches(spec.get("targets") or {}, pod_labels):
+            continue
+        name, key = trust["secretRef"], trust.get("key", "ed25519.pub")
+        prev = out.get(name)
+        out[name] = TrustMount(name, key, signer or bool(prev and prev.signer))
+    return list(out.values())

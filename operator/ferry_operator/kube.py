@@ -74,6 +74,10 @@ def live_agents(namespace: str, now: datetime) -> set[str]:
     return agent_leases(namespace, now)[0]
 
 
+def list_objects(plural: str, namespace: str) -> list[dict]:
+    return custom().list_namespaced_custom_object(GROUP, VERSION, namespace, plural)["items"]
+
+
 def delete_object(plural: str, namespace: str, name: str) -> None:
     try:
         custom().delete_namespaced_custom_object(GROUP, VERSION, namespace, plural, name,

@@ -97,8 +97,15 @@ if WEBHOOK_PORT:
     @kopf.on.mutate("v1", "pods", id="inject-agent", operations=["CREATE"],
                     labels={injection.INJECT_LABEL: "true"},
                     ignore_failures=INJECT.failure_policy == "Ignore")
-    def inject_agent(spec: kopf.Spec, patch: kopf.Patch, **_: Any) -> None:
-        new = injection.inject(dict(spec), INJECT)
+    def inject_agent(spec: kopf.Spec, patch: kopf.Patch, labels: kopf.Labels, namespace: str | None,
+                     **_: Any) -> None:
+        from ferry_agent.k8s.reporter import _matches
+
+        from . import kube
+
+        caches = kube.list_objects("artifactcaches", namespace) if namespace else []
+        trust = injection.trust_mounts(dict(labels), caches, _matches)
+        new = injection.inject(dict(spec), INJECT, trust)
         if new is not None:
             for key in ("initContainers", "containers", "volumes"):
                 patch.spec[key] = new[key]

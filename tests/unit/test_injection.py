@@ -13,7 +13,7 @@ def test_agent_is_a_native_sidecar_with_identity_and_shared_volumes() -> None:
     agent = spec["initContainers"][0]
     assert agent["name"] == AGENT_NAME and agent["restartPolicy"] == "Always"
     assert agent["image"] == "agent:9"
-    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in agent["env"]}
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in agent["env"] if "valueFrom" in e}
     assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace",
                    "POD_IP": "status.podIP", "NODE_NAME": "spec.nodeName"}
     assert {"name": "ferry-grpc", "containerPort": 50051, "protocol": "TCP"} in agent["ports"]
@@ -45,3 +45,26 @@ def test_existing_init_containers_and_shm_kept() -> None:
 def test_settings_from_env() -> None:
     s = InjectSettings.from_env({"FERRY_AGENT_IMAGE": "a:1", "FERRY_WEBHOOK_FAILURE_POLICY": "Ignore"})
     assert s.image == "a:1" and s.failure_policy == "Ignore"
+
+
+def test_trust_secrets_mounted_signing_key_only_for_sources() -> None:
+    from ferry_agent.k8s.reporter import _matches
+    from ferry_operator.injection import inject, trust_mounts
+
+    caches = [
+        {"spec": {"trust": {"secretRef": "sig"}, "sources": {"matchLabels": {"warm": "true"}},
+                  "targets": {"matchLabels": {"app": "inf"}}}},
+        {"spec": {"sources": {"matchLabels": {"warm": "true"}}, "targets": {"matchLabels": {"app": "inf"}}}},
+    ]
+    target = trust_mounts({"app": "inf"}, caches, _matches)
+    source = trust_mounts({"app": "inf", "warm": "true"}, caches, _matches)
+    assert [(m.secret, m.signer) for m in target] == [("sig", False)]
+    assert [(m.secret, m.signer) for m in source] == [("sig", True)]
+    vol = {v["name"]: v for v in inject(POD, InjectSettings(), target)["volumes"]}["ferry-trust-sig"]
+    assert [i["key"] for i in vol["secret"]["items"]] == ["ed25519.pub"], "targets never see the signing key"
+    spec = inject(POD, InjectSettings(), source)
+    vol = {v["name"]: v for v in spec["volumes"]}["ferry-trust-sig"]
+    assert {i["key"] for i in vol["secret"]["items"]} == {"ed25519.pub", "ed25519.key"}
+    mounts = {m["mountPath"] for m in spec["initContainers"][0]["volumeMounts"]}
+    assert "/etc/ferry/trust/sig" in mounts
+    assert trust_mounts({"other": "x"}, caches, _matches) == []
