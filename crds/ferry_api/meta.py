@@ -96,6 +96,21 @@ class LabelSelector(ApiModel):
         json_schema_extra=k8s(list_type="atomic"),
     )
 
+    def matches(self, labels: dict[str, str]) -> bool:
+        """Whether a pod with `labels` is selected (the apiserver's semantics)."""
+        for key, value in (self.match_labels or {}).items():
+            if labels.get(key) != value:
+                return False
+        for req in self.match_expressions or []:
+            has = req.key in labels
+            if (req.operator == "Exists" and not has) or (req.operator == "DoesNotExist" and has):
+                return False
+            if req.operator == "In" and labels.get(req.key) not in (req.values or []):
+                return False
+            if req.operator == "NotIn" and has and labels[req.key] in (req.values or []):
+                return False
+        return True
+
     def to_label_selector(self) -> str:
         """The selector in kubectl / list-call syntax (`a=b,c in (d,e)`)."""
         parts = [f"{k}={v}" for k, v in sorted((self.match_labels or {}).items())]
@@ -163,3 +178,14 @@ def observed_generation_field() -> Any:
 
 def now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
+
+
+def selector_matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """`matches` for a selector in wire form; an invalid or empty selector matches nothing."""
+    try:
+        sel = LabelSelector.model_validate(selector)
+    except ValueError:
+        return False
+    if not sel.match_labels and not sel.match_expressions:
+        return False
+    return sel.matches(labels)

@@ -99,12 +99,12 @@ if WEBHOOK_PORT:
                     ignore_failures=INJECT.failure_policy == "Ignore")
     def inject_agent(spec: kopf.Spec, patch: kopf.Patch, labels: kopf.Labels, namespace: str | None,
                      **_: Any) -> None:
-        from ferry_agent.k8s.reporter import _matches
+        from ferry_api.meta import selector_matches
 
         from . import kube
 
         caches = kube.list_objects("artifactcaches", namespace) if namespace else []
-        trust = injection.trust_mounts(dict(labels), caches, _matches)
+        trust = injection.trust_mounts(dict(labels), caches, selector_matches)
         new = injection.inject(dict(spec), INJECT, trust)
         if new is not None:
             for key in ("initContainers", "containers", "volumes"):

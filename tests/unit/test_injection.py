@@ -48,7 +48,7 @@ def test_settings_from_env() -> None:
 
 
 def test_trust_secrets_mounted_signing_key_only_for_sources() -> None:
-    from ferry_agent.k8s.reporter import _matches
+    from ferry_api.meta import selector_matches as _matches
     from ferry_operator.injection import inject, trust_mounts
 
     caches = [

@@ -141,3 +141,15 @@ def test_standby_peer_is_live_and_outranking_detection() -> None:
     assert outranked(peers, 1, T0 + timedelta(seconds=10))
     assert not outranked(peers, 5, T0 + timedelta(seconds=10))
     assert not outranked(peers, 1, T0 + timedelta(seconds=61)), "a dead peer outranks nobody"
+
+
+def test_selector_matching() -> None:
+    from ferry_api.meta import selector_matches
+
+    sel = {"matchLabels": {"app": "x"},
+           "matchExpressions": [{"key": "tier", "operator": "In", "values": ["a", "b"]},
+                                {"key": "gone", "operator": "DoesNotExist"}]}
+    assert selector_matches(sel, {"app": "x", "tier": "a"})
+    assert not selector_matches(sel, {"app": "x", "tier": "c"})
+    assert not selector_matches(sel, {"app": "x", "tier": "a", "gone": "1"})
+    assert not selector_matches({}, {"app": "x"}), "an empty selector selects nothing here"

@@ -23,13 +23,14 @@ from kubernetes import client
 
 from ferry_api import API_VERSION, GROUP, VERSION
 from ferry_api.artifactcache import ArtifactCache, ArtifactCacheSpec, combined_manifest_id
+from ferry_api.meta import selector_matches
 
 from ..artifacts.errors import ArtifactRejected, FetchFailed, IdentityError
 from ..artifacts.fetch import fetch_and_install
 from ..artifacts.identity import Identity
 from ..artifacts.service import ArtifactServicer, ArtifactStore
 from ..artifacts.trust import load_private_key, load_public_key
-from .reporter import APPLY, _matches
+from .reporter import APPLY
 from .reporter import Identity as PodIdentity
 
 log = logging.getLogger(__name__)
@@ -113,9 +114,9 @@ class ArtifactAgent:
             GROUP, VERSION, self.ident.namespace, ArtifactCache.PLURAL)["items"]
         for ac in items:
             spec = ac["spec"]
-            if _matches(spec.get("sources") or {}, labels):
+            if selector_matches(spec.get("sources") or {}, labels):
                 self._as_source(ac)
-            elif _matches(spec.get("targets") or {}, labels):
+            elif selector_matches(spec.get("targets") or {}, labels):
                 self._as_target(ac)
 
     def _as_source(self, ac: dict[str, Any]) -> None:

@@ -19,7 +19,8 @@ from typing import Any
 from kubernetes import client
 
 from ferry_api import API_VERSION, GROUP, VERSION
-from ferry_api.weightsource import WeightSource, WeightSourceSpec
+from ferry_api.meta import selector_matches
+from ferry_api.weightsource import WeightSource
 
 log = logging.getLogger(__name__)
 APPLY = "application/apply-patch+yaml"
@@ -36,22 +37,6 @@ class Identity:
     namespace: str
     node: str | None
     endpoint: str
-
-
-def _matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
-    spec = WeightSourceSpec.model_validate({"model": {"name": "x"}, "selector": selector}).selector
-    for key, value in (spec.match_labels or {}).items():
-        if labels.get(key) != value:
-            return False
-    for req in spec.match_expressions or []:
-        has = req.key in labels
-        if req.operator == "Exists" and not has or req.operator == "DoesNotExist" and has:
-            return False
-        if req.operator == "In" and labels.get(req.key) not in (req.values or []):
-            return False
-        if req.operator == "NotIn" and has and labels[req.key] in (req.values or []):
-            return False
-    return True
 
 
 def _stamp(t: dt.datetime) -> str:
@@ -174,4 +159,4 @@ class Reporter:
         items = client.CustomObjectsApi(self.api).list_namespaced_custom_object(
             GROUP, VERSION, self.ident.namespace, WeightSource.PLURAL)["items"]
         return sorted(i["metadata"]["name"] for i in items
-                      if _matches(i["spec"].get("selector") or {}, labels))
+                      if selector_matches(i["spec"].get("selector") or {}, labels))
