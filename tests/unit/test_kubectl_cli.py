@@ -284,3 +284,12 @@ def test_unreachable_server_and_bad_kubeconfig_are_one_line_errors(
     assert (
         code == 2 and err.startswith("error: cannot load a kubeconfig") and "Traceback" not in err
     )
+
+
+def test_in_cluster_when_no_kubeconfig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    with pytest.raises(PluginError, match="cannot use the pod's service account"):
+        Kube.connect()  # no token mounted here: the in-cluster path was taken and says so

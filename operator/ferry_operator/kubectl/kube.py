@@ -92,8 +92,9 @@ class Kube:
         use_file = bool(
             kubeconfig or env or context or Path("~/.kube/config").expanduser().exists()
         )
+        in_cluster = not use_file and "KUBERNETES_SERVICE_HOST" in os.environ
         try:
-            if use_file or "KUBERNETES_SERVICE_HOST" not in os.environ:
+            if not in_cluster:
                 # KUBECONFIG may be a colon-separated list; the loader merges it.
                 path = kubeconfig or env or str(Path("~/.kube/config").expanduser())
                 config.load_kube_config(
@@ -113,6 +114,8 @@ class Kube:
                 config.load_incluster_config(client_configuration=cfg)
                 namespace = SA_NAMESPACE.read_text().strip() if SA_NAMESPACE.exists() else "default"
         except (config.ConfigException, OSError, TypeError, ValueError) as exc:
+            if in_cluster:
+                raise PluginError(f"cannot use the pod's service account ({exc})") from None
             raise PluginError(
                 f"cannot load a kubeconfig ({exc}); set --kubeconfig or KUBECONFIG"
             ) from None
