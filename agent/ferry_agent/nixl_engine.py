@@ -126,6 +126,7 @@ class _ReadState:
         self.error: BaseException | None = None
         self.abort = False
         self.idle = threading.Event()  # set when a worker exits (done, error or abort)
+        self.exited = 0
         self.t0 = time.perf_counter()
 
     def take(self, lane: int) -> tuple[Prepared, int] | None:
@@ -386,9 +387,9 @@ class NixlEngine:
         try:
             for w in workers:
                 w.start()
-            while any(w.is_alive() for w in workers):
+            while True:
                 st.idle.clear()
-                if not any(w.is_alive() for w in workers):
+                if st.exited >= len(workers):
                     break
                 now = time.monotonic()
                 if now > deadline:
@@ -462,6 +463,8 @@ class NixlEngine:
             st.error = exc
             st.abort = True
         finally:
+            with st._lock:
+                st.exited += 1
             st.idle.set()
 
     def close(self) -> None:
