@@ -31,6 +31,18 @@ def register(subparsers: Any) -> None:
     t.add_argument(
         "--target-device", type=int, default=-1, help="cuda: GPU of the target (-1: last)"
     )
+    t.add_argument(
+        "--nccl",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="cuda: also time NCCL broadcast of the same bytes (flat and per tensor)",
+    )
+    t.add_argument(
+        "--sweep-chunks",
+        type=lambda v: [parse_size(x) for x in v.split(",") if x],
+        default=[],
+        help="after the main run, warm cycles at each of these chunk sizes (e.g. 256Mi,1Gi)",
+    )
     t.add_argument("--json", action="store_true", help="print only the JSON object")
     t.add_argument("--out", help="also write the JSON object to this file")
     t.set_defaults(func=cmd_transfer)

@@ -176,6 +176,12 @@ class TransferBench:
             str(a.nixl_threads),
             "--rails",
             "off" if not self.cuda else "auto",
+            "--lanes",
+            str(a.lanes),
+            "--post-threads",
+            str(a.post_threads),
+            "--progress-delay-us",
+            str(a.progress_delay_us),
             "--log-level",
             "WARNING",
         ]
@@ -207,14 +213,27 @@ class TransferBench:
             self._zero(dst)
             cold = rpc.pull(endpoints, timeout_s=600)
             verified = self._verify(srcs[0], dst)
-            warm = []
+            warm, warm_rpc = [], []
             for i in range(1, a.warm_cycles + 1):
                 for c in srcs:
                     c.begin_write()
                     c.publish(f"bench-{i}")
                 self._zero(dst)
+                t0 = time.perf_counter()
                 warm.append(rpc.pull(endpoints, timeout_s=600))
+                warm_rpc.append(time.perf_counter() - t0)
             verified = verified and self._verify(srcs[0], dst)
+            sweep = []
+            for cb in a.sweep_chunks or []:
+                runs = []
+                for i in range(a.warm_cycles + 1):  # +1: the first re-plans for the new chunks
+                    for c in srcs:
+                        c.begin_write()
+                        c.publish(f"sweep-{cb}-{i}")
+                    self._zero(dst)
+                    runs.append(rpc.pull(endpoints, timeout_s=600, chunk_bytes=cb))
+                ok = self._verify(srcs[0], dst)
+                sweep.append(_summary(runs[1:], total) | {"chunk_bytes": cb, "verified": ok})
             rpc.close()
             transport = read_transport(target.log())
         finally:
@@ -223,10 +242,22 @@ class TransferBench:
             for p in self.procs:
                 p.stop()
             shutil.rmtree(tmp, ignore_errors=True)
+        nccl = None
+        if self.cuda and a.nccl:
+            from .nccl import run_baseline
 
-        warm_s = statistics.median(r.total_s for r in warm)
-        read_s = statistics.median(r.seconds for r in warm)
-        gbps = total / warm_s / 1e9
+            # After the agents are gone: the broadcast gets the GPUs to itself.
+            nccl = run_baseline([s.nbytes for s in specs], self.src_dev, self.dst_dev)
+
+        summary = _summary(warm, total)
+        warm_s, read_s, gbps = summary["warm_s"], summary["warm_read_s"], summary["GBps"]
+        extra: dict[str, Any] = {}
+        if nccl is not None:
+            extra["nccl"] = nccl
+            extra["ratio_nccl_flat"] = round(gbps / nccl["flat"]["GBps"], 3)
+            extra["ratio_nccl_per_tensor"] = round(gbps / nccl["per_tensor"]["GBps"], 3)
+        if sweep:
+            extra["sweep"] = sweep
         return {
             "bench": "transfer",
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -253,18 +284,50 @@ class TransferBench:
             "progress_delay_us": a.progress_delay_us,
             "register_s": round(register_s, 6),
             "cold_s": round(register_s + cold.total_s, 4),
-            "warm_s": round(warm_s, 4),
-            "warm_runs_s": [round(r.total_s, 4) for r in warm],
-            "warm_read_s": round(read_s, 4),
-            "GBps": round(gbps, 3),
+            "warm_s": warm_s,
+            "warm_runs_s": summary["warm_runs_s"],
+            "warm_read_s": read_s,
+            "read_GBps": summary["read_GBps"],
+            "GBps": gbps,
+            "warm_overhead_pct": summary["warm_overhead_pct"],
+            "warm_rpc_s": round(statistics.median(warm_rpc), 4),
             "baseline": baseline,
             "ratio": round(gbps / baseline["GBps"], 3),
+            "register_ms": round(register_s * 1e3, 3),
             "verified": bool(verified),
             "transport": transport,
             "warm_registrations": sum(int(r.registrations) for r in warm),
             "warm_dlists_prepared": sum(int(r.dlists_prepared) for r in warm),
             "warm_dlists_reused": sum(int(r.dlists_reused) for r in warm),
-        }
+            "devices": [self.src_dev, self.dst_dev] if self.cuda else [],
+            "gpu": _gpu_name() if self.cuda else "",
+        } | extra
+
+
+def _summary(warm: list[Any], total: int) -> dict[str, Any]:
+    """Median warm cycle (agent-side, versions to fence), its READ part, and the rest as a
+    percentage of the READs: what a refit costs beyond moving the bytes."""
+    warm_s = statistics.median(r.total_s for r in warm)
+    read_s = statistics.median(r.seconds for r in warm)
+    over = statistics.median((r.total_s - r.seconds) / r.seconds for r in warm if r.seconds > 0)
+    return {
+        "warm_s": round(warm_s, 5),
+        "warm_read_s": round(read_s, 5),
+        "warm_runs_s": [round(r.total_s, 5) for r in warm],
+        "GBps": round(total / warm_s / 1e9, 3),
+        "read_GBps": round(total / read_s / 1e9, 3),
+        "warm_overhead_pct": round(100 * over, 2),
+        "descriptors": int(warm[-1].descriptors),
+    }
+
+
+def _gpu_name() -> str:
+    try:
+        import torch
+
+        return str(torch.cuda.get_device_name(0))
+    except Exception:
+        return "unknown"
 
 
 def _cpu_model() -> str:
