@@ -17,13 +17,13 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import rails as rails_mod
 from .control import ControlServer, EngineLink
-from .errors import FerryError, NotDeclared, PeerUnavailable, SourceStale, VersionChanged
+from .errors import FerryError, NotDeclared, PeerUnavailable, VersionChanged
 from .layout import Layout, TensorSpec, plan_layout
 from .manifest import Manifest, descriptor_arrays
 from .metrics import AgentMetrics, MetricsServer
@@ -34,7 +34,7 @@ from .nixl_engine import (
     NixlEngine,
 )
 from .peer import AgentClient
-from .planner import Plan, build_plan
+from .planner import Plan, Segment, build_plan
 from .slabs import create_slabs, reap_stale
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,10 @@ class Agent:
         self._layout: Layout | None = None
         self._slabs: list[Any] = []
         self._reg: Any = None
+        # Double buffer: a second slab set of the same layout, registered once and kept.
+        self._standby: list[Any] = []
+        self._standby_reg: Any = None
+        self._tracker: Any = None  # PullTracker of the last single-buffer pull (relays)
         self._generation = 0
         self._version = ""
         self._epoch = 0
@@ -217,6 +221,23 @@ class Agent:
             for s in self._slabs:
                 s.close()
             self._slabs = []
+            if self._standby_reg is not None:
+                self.engine.deregister(self._standby_reg, len(self._standby))
+                self._standby_reg = None
+            for s in self._standby:
+                s.close()
+            self._standby = []
+            self._tracker = None
+
+    def _allocate(self, layout: Layout) -> tuple[list[Any], Any]:
+        slabs = create_slabs(
+            layout.slab_sizes,
+            self.config.memory,
+            prefix=f"{self.config.shm_prefix}-{self.config.pod}",
+            device=self.config.device,
+        )
+        mem = "VRAM" if self.config.memory == "cuda" else "DRAM"
+        return slabs, self.engine.register([(s.addr, s.nbytes, s.device_id) for s in slabs], mem)
 
     # -- layout and versions -------------------------------------------------------
     def declare(self, specs: Sequence[TensorSpec]) -> bool:
@@ -227,15 +248,8 @@ class Agent:
             if self._layout is not None and self._layout.fingerprint == layout.fingerprint:
                 return False
             self._free_slabs()
-            slabs = create_slabs(
-                layout.slab_sizes,
-                self.config.memory,
-                prefix=f"{self.config.shm_prefix}-{self.config.pod}",
-                device=self.config.device,
-            )
             t0 = time.perf_counter()
-            mem = "VRAM" if self.config.memory == "cuda" else "DRAM"
-            self._reg = self.engine.register([(s.addr, s.nbytes, s.device_id) for s in slabs], mem)
+            slabs, self._reg = self._allocate(layout)
             self.register_s = time.perf_counter() - t0
             self.metrics.registration_seconds.observe(self.register_s)
             self._slabs, self._layout = slabs, layout
@@ -333,31 +347,48 @@ class Agent:
         retries: int = 2,
         quiesce: bool = False,
         quiesce_timeout_s: float = 30.0,
+        cancel: threading.Event | None = None,
+        progress: Callable[[int], None] | None = None,
+        relay: bool = False,
+        double_buffer: bool = False,
     ) -> PullResult:
         """Pull `version` (None/"latest": whatever the sources hold) into our slabs.
 
         Raises LayoutMismatch before any byte moves, SourceStale / VersionChanged when
         the sources do not hold (or stop holding) the version, PeerUnavailable,
-        TransferTimeout past `timeout_s`. Never returns on mixed versions."""
-        from .pull import run_pull
+        TransferTimeout past `timeout_s`, Cancelled within ~0.1 s of `cancel` being
+        set (in-flight READs aborted, slabs serve no version, engine resumed with
+        ok=False). Never returns on mixed versions.
 
-        want = None if version in (None, "", "latest") else version
+        progress(bytes): bytes landed so far, from the pulling thread every ~50 ms.
+        relay: the one source is a target still pulling `version`; follow it chunk by
+        chunk (see relay.py). double_buffer: READ into the standby slab set while the
+        engine keeps reading, then pause only for the swap (the engine re-attaches)."""
+        from .pull import PullOptions, run_pull
+        from .relay import run_relay
+
+        opts = PullOptions(
+            want=None if version in (None, "", "latest") else version,
+            deadline=time.monotonic() + timeout_s,
+            chunk_bytes=chunk_bytes or self.config.chunk_bytes,
+            max_gbps=max_gbps,
+            retries=retries,
+            quiesce=quiesce,
+            quiesce_timeout_s=quiesce_timeout_s,
+            cancel=cancel,
+            progress=progress,
+            double_buffer=double_buffer,
+        )
+        if relay and (len(sources) != 1 or double_buffer):
+            raise ValueError("a relay pull follows exactly one upstream, without double buffer")
         if self.config.memory == "cuda":
             self._cuda_thread_init()  # gRPC threads prepare VRAM descriptor lists
         with self._pull_lock:
             self._pulling = True
             try:
-                return run_pull(
-                    self,
-                    list(sources),
-                    want,
-                    time.monotonic() + timeout_s,
-                    chunk_bytes or self.config.chunk_bytes,
-                    max_gbps,
-                    retries,
-                    quiesce,
-                    quiesce_timeout_s,
-                )
+                if relay:
+                    return run_relay(self, sources[0], opts)
+                return run_pull(self, list(sources), opts)
             except FerryError as exc:
                 self.metrics.failures.labels(exc.reason).inc()
                 raise
@@ -395,10 +426,15 @@ class Agent:
             source_names=[s.endpoint for s in srcs],
         )
 
-    def _prepare(self, srcs: list[_Source], plan: Plan) -> list[Any]:
-        local_slabs = [s.info for s in self._slabs]
+    def _prepare(
+        self, srcs: list[_Source], plan: Plan, slabs: list[Any]
+    ) -> tuple[list[Any], dict[tuple[str, int], list[Segment]]]:
+        """Prepared READs into `slabs` (active or standby set), and the plan segments
+        each handle carries, keyed by (peer endpoint, handle index)."""
+        local_slabs = [s.info for s in slabs]
         local_mem = "VRAM" if self.config.memory == "cuda" else "DRAM"
         out = []
+        members: dict[tuple[str, int], list[Segment]] = {}
         for k, src in enumerate(srcs):
             segs = plan.for_source(k)
             if not segs:
@@ -412,7 +448,9 @@ class Agent:
             n = len(segs)
             per = -(-n // MAX_HANDLES_PER_PEER)
             groups = [list(range(i, min(n, i + per))) for i in range(0, n, per)]
-            digest = hash((tuple(segs), self._generation))
+            for g, idx in enumerate(groups):
+                members[(src.endpoint, g)] = [segs[i] for i in idx]
+            digest = hash((tuple(segs), self._generation, tuple(s.addr for s in local_slabs)))
             key = (src.manifest.cache_key, self._generation, digest)
             remote_mem = src.manifest.slabs[0].memory if src.manifest.slabs else "DRAM"
             out.append(
@@ -427,7 +465,36 @@ class Agent:
                     groups=groups,
                 )
             )
-        return out
+        return out, members
+
+    def _standby_slabs(self) -> list[Any]:
+        """The second slab set (allocated and registered on first use, then kept)."""
+        with self._lock:
+            if not self._standby:
+                t0 = time.perf_counter()
+                self._standby, self._standby_reg = self._allocate(self.layout)
+                log.info("standby slab set registered in %.1f ms", (time.perf_counter() - t0) * 1e3)
+            return list(self._standby)
+
+    def _swap(self, version: str) -> None:
+        """The standby set holds `version`: make it the active set (what the engine maps
+        and peers read) under a new generation, and serve it."""
+        with self._lock:
+            self._slabs, self._standby = self._standby, self._slabs
+            self._reg, self._standby_reg = self._standby_reg, self._reg
+            self._generation += 1
+            self.publish(version)
+
+    def _track(self, tracker: Any) -> None:
+        self._tracker = tracker
+
+    def relay_status(self) -> dict[str, Any]:
+        """Progress of the last single-buffer pull (RelayStatus RPC), plus our layout."""
+        with self._lock:
+            info = self.version_info()
+            t = self._tracker
+            snap = t.snapshot() if t is not None else {"state": "Idle"}
+            return {**snap, "fingerprint": info["fingerprint"], "generation": info["generation"]}
 
     def _mark_failed_pull(self) -> None:
         """Our slabs hold a partial pull: serve no version until the next success."""
@@ -438,22 +505,6 @@ class Agent:
 
 def _metadata_of(manifest: Manifest) -> bytes:
     return manifest.nixl_metadata
-
-
-def check_sources(srcs: list[_Source], want: str | None) -> str:
-    versions = {s.version for s in srcs}
-    fps = {s.manifest.fingerprint for s in srcs}
-    if any(not s.version for s in srcs):
-        empty = [s.endpoint for s in srcs if not s.version]
-        raise SourceStale(f"sources {empty} have not published a version", sources=empty)
-    if len(fps) > 1:
-        raise SourceStale(f"sources disagree on the layout fingerprint: {sorted(fps)}")
-    if len(versions) > 1:
-        raise SourceStale(f"sources disagree on the version: {sorted(versions)}")
-    have = versions.pop()
-    if want is not None and have != want:
-        raise SourceStale(f"sources hold version {have!r}, not {want!r}", have=have, want=want)
-    return have
 
 
 __all__ = ["Agent", "AgentConfig", "PullResult", "PeerUnavailable"]

@@ -56,16 +56,22 @@ class Refit:
     id: int
     version: str
     _conn: _Conn
+    generation: int | None = None  # set by wait_done when the agent swapped slab sets
 
     def ack(self) -> None:
         send(self._conn.sock, {"op": "ack", "id": self.id})
 
     def wait_done(self, timeout: float | None = None) -> tuple[str, bool]:
-        """Block until the agent resumes us: (version now in the slabs, pull succeeded)."""
+        """Block until the agent resumes us: (version now in the slabs, pull succeeded).
+
+        After a double-buffer swap `generation` is set: the weights now live in the
+        other slab set, so call EngineClient.attach() before reading again."""
         self._conn.sock.settimeout(timeout)
         msg = recv(self._conn.reader)
         if msg is None or msg.get("event") != "resume":
             raise ConnectionError(f"agent ended the refit handshake unexpectedly: {msg}")
+        if msg.get("generation") is not None:
+            self.generation = int(msg["generation"])
         return str(msg.get("version", "")), bool(msg.get("ok"))
 
 

@@ -27,10 +27,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import EngineNotQuiesced, FerryError
+from .errors import Cancelled, EngineNotQuiesced, FerryError
 
 log = logging.getLogger(__name__)
 MAX_LINE = 64 << 20
+# How often a pause that waits for acks looks at its cancel event.
+CANCEL_POLL_S = 0.05
 
 
 def send(sock: socket.socket, obj: dict[str, Any]) -> None:
@@ -68,6 +70,7 @@ class _Refit:
     acked: set[int] = field(default_factory=set)
     done: bool = False
     ok: bool = False
+    generation: int | None = None
 
 
 class EngineLink:
@@ -84,11 +87,14 @@ class EngineLink:
         with self._cv:
             return len(self._subscribers)
 
-    def pause(self, version: str, timeout: float) -> int | None:
+    def pause(
+        self, version: str, timeout: float, cancel: threading.Event | None = None
+    ) -> int | None:
         """Ask every subscribed engine to stop reading; wait for all acks.
 
         Returns the refit id (None when no engine is subscribed: nothing reads the slabs).
-        Raises EngineNotQuiesced when an engine does not acknowledge in time."""
+        Raises EngineNotQuiesced when an engine does not acknowledge in time, Cancelled
+        when `cancel` is set first (the engine is then resumed with ok=False)."""
         deadline = time.monotonic() + timeout
         with self._cv:
             if not self._subscribers:
@@ -108,15 +114,24 @@ class EngineLink:
                         missing=missing,
                         timeout_s=timeout,
                     )
-                self._cv.wait(left)
+                if cancel is not None and cancel.is_set():
+                    refit.done, refit.ok = True, False
+                    self._cv.notify_all()
+                    raise Cancelled("cancelled while waiting for the engine to pause")
+                self._cv.wait(min(left, CANCEL_POLL_S))
             return refit.id
 
-    def resume(self, refit_id: int | None, version: str, ok: bool) -> None:
+    def resume(
+        self, refit_id: int | None, version: str, ok: bool, generation: int | None = None
+    ) -> None:
+        """End the refit. `generation` is the slab generation the engine must map now
+        (a double-buffer swap changes it: the engine calls attach() again)."""
         if refit_id is None:
             return
         with self._cv:
             if self._refit is not None and self._refit.id == refit_id:
                 self._refit.version, self._refit.ok, self._refit.done = version, ok, True
+                self._refit.generation = generation
                 self._cv.notify_all()
 
     def _woken(self, seen: int, stop: threading.Event) -> bool:
@@ -152,10 +167,11 @@ class EngineLink:
                         refit.acked.add(conn_id)
                         self._cv.notify_all()
                         self._cv.wait_for(functools.partial(_refit_over, refit, stop))
-                send(
-                    sock,
-                    {"event": "resume", "id": refit.id, "version": refit.version, "ok": refit.ok},
-                )
+                resume: dict[str, Any] = {"event": "resume", "id": refit.id}
+                resume |= {"version": refit.version, "ok": refit.ok}
+                if refit.generation is not None:
+                    resume["generation"] = refit.generation
+                send(sock, resume)
         except (OSError, ValueError) as exc:
             log.info("engine event channel %d closed: %s", conn_id, exc)
         finally:

@@ -71,6 +71,19 @@ class EngineNotQuiesced(FerryError):
     reason = "EngineNotQuiesced"
 
 
+class Cancelled(FerryError):
+    """The pull was cancelled (job deleted, failed or re-assigned); no version is served."""
+
+    reason = "Cancelled"
+
+
+class RelayBroken(SourceStale):
+    """The upstream relay failed, restarted its pull or changed version while we followed it:
+    the operator re-links this target."""
+
+    reason = "RelayBroken"
+
+
 class Unauthenticated(FerryError):
     reason = "Unauthenticated"
 
@@ -91,6 +104,8 @@ _BY_REASON: dict[str, type[FerryError]] = {
         TransferTimeout,
         PeerUnavailable,
         EngineNotQuiesced,
+        Cancelled,
+        RelayBroken,
         Unauthenticated,
         NotDeclared,
     )

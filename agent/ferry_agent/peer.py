@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import grpc
 
 from .auth import call_metadata
-from .errors import FerryError, PeerUnavailable, Unauthenticated, from_reason
+from .errors import Cancelled, FerryError, PeerUnavailable, Unauthenticated, from_reason
 from .manifest import Manifest
 from .proto import ferry_agent_pb2 as _pb
 from .proto import ferry_agent_pb2_grpc as _pb_grpc
@@ -59,6 +60,9 @@ class AgentClient:
     def version(self, timeout: float | None = None) -> Any:
         return self._call(self._stub.GetVersion, pb.VersionRequest(), timeout)
 
+    def relay_status(self, timeout: float | None = None) -> Any:
+        return self._call(self._stub.RelayStatus, pb.RelayStatusRequest(), timeout)
+
     def health(self) -> Any:
         return self._call(self._stub.Health, pb.HealthRequest())
 
@@ -73,8 +77,13 @@ class AgentClient:
         retries: int = 2,
         quiesce_engine: bool = False,
         quiesce_timeout_s: float = 30.0,
+        relay: bool = False,
+        double_buffer: bool = False,
+        cancel: threading.Event | None = None,
     ) -> Any:
-        """Ask this agent to pull; raises the typed FerryError the target reported."""
+        """Ask this agent to pull; raises the typed FerryError the target reported.
+
+        Setting `cancel` cancels the call, which cancels the pull on the target."""
         req = pb.PullRequest(
             sources=sources,
             version=version,
@@ -84,8 +93,18 @@ class AgentClient:
             retries=retries,
             quiesce_engine=quiesce_engine,
             quiesce_timeout_s=quiesce_timeout_s,
+            relay=relay,
+            double_buffer=double_buffer,
         )
-        reply = self._call(self._stub.Pull, req, timeout=timeout_s + 30.0)
+        if cancel is None:
+            reply = self._call(self._stub.Pull, req, timeout=timeout_s + 30.0)
+        else:
+            fut = self._stub.Pull.future(req, metadata=self._md, timeout=timeout_s + 30.0)
+            while not fut.done():
+                if cancel.wait(0.05):
+                    fut.cancel()
+                    raise Cancelled(f"pull on {self.endpoint} cancelled", endpoint=self.endpoint)
+            reply = self._call(lambda *_a, **_k: fut.result(), req)
         if not reply.ok:
             raise from_reason(
                 reply.reason,

@@ -4,6 +4,7 @@ all behind the same token interceptor."""
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from concurrent import futures
 from typing import TYPE_CHECKING, Any
@@ -52,7 +53,16 @@ class AgentServicer(pb_grpc.FerryAgentServicer):
             fingerprint=info["fingerprint"],
         )
 
+    def RelayStatus(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        st = self.agent.relay_status()
+        completed = [
+            pb.ByteRange(slab=s, offset=o, nbytes=n) for s, o, n in st.pop("completed", [])
+        ]
+        return pb.RelayStatusReply(completed=completed, **st)
+
     def Pull(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        cancel = threading.Event()
+        context.add_callback(cancel.set)  # the caller cancelled (or the call ended)
         try:
             r = self.agent.pull(
                 list(request.sources),
@@ -63,6 +73,9 @@ class AgentServicer(pb_grpc.FerryAgentServicer):
                 retries=request.retries,
                 quiesce=request.quiesce_engine,
                 quiesce_timeout_s=request.quiesce_timeout_s or 30.0,
+                relay=request.relay,
+                double_buffer=request.double_buffer,
+                cancel=cancel,
             )
         except FerryError as exc:
             return pb.PullReply(

@@ -23,7 +23,7 @@ from ferry_api import API_VERSION, GROUP, VERSION
 from ferry_api.refitjob import RefitJob
 from ferry_api.weightsource import WeightSource
 
-from ..errors import FerryError
+from ..errors import Cancelled, FerryError
 from .reporter import APPLY, Identity
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,15 @@ class Attempt:
 
 
 class JobRunner:
-    def __init__(self, agent: Any, ident: Identity, api: client.ApiClient, poll_s: float = 0.5,
-                 progress_interval_s: float = 1.0, on_done: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        agent: Any,
+        ident: Identity,
+        api: client.ApiClient,
+        poll_s: float = 0.5,
+        progress_interval_s: float = 1.0,
+        on_done: Callable[[], None] | None = None,
+    ) -> None:
         self.agent = agent
         self.ident = ident
         self.api = api
@@ -83,7 +90,8 @@ class JobRunner:
 
     def _jobs(self) -> list[dict[str, Any]]:
         return client.CustomObjectsApi(self.api).list_namespaced_custom_object(
-            GROUP, VERSION, self.ident.namespace, RefitJob.PLURAL)["items"]
+            GROUP, VERSION, self.ident.namespace, RefitJob.PLURAL
+        )["items"]
 
     def _tick(self) -> None:
         cur = self._current
@@ -91,7 +99,9 @@ class JobRunner:
             self._current = cur = None
         for job in self._jobs():
             meta, status = job["metadata"], job.get("status") or {}
-            entry = next((e for e in status.get("targets") or [] if e.get("pod") == self.ident.pod), None)
+            entry = next(
+                (e for e in status.get("targets") or [] if e.get("pod") == self.ident.pod), None
+            )
             if entry is None:
                 continue
             over = meta.get("deletionTimestamp") or status.get("phase") in TERMINAL
@@ -105,38 +115,66 @@ class JobRunner:
                 continue
             self._seen[meta["uid"]] = attempts
             cancel = threading.Event()
-            thread = threading.Thread(target=self._attempt, args=(job, entry, attempts, cancel),
-                                      name=f"ferry-pull-{meta['name']}", daemon=True)
+            thread = threading.Thread(
+                target=self._attempt,
+                args=(job, entry, attempts, cancel),
+                name=f"ferry-pull-{meta['name']}",
+                daemon=True,
+            )
             self._current = cur = Attempt(meta["name"], meta["uid"], attempts, thread, cancel)
             thread.start()
 
     # -- one attempt -------------------------------------------------------------
-    def _attempt(self, job: dict[str, Any], entry: dict[str, Any], number: int,
-                 cancel: threading.Event) -> None:
+    def _attempt(
+        self, job: dict[str, Any], entry: dict[str, Any], number: int, cancel: threading.Event
+    ) -> None:
         name, spec, status = job["metadata"]["name"], job["spec"], job.get("status") or {}
         started = time.monotonic()
         report = {"observedAttempt": number, "endpoint": self.ident.endpoint}
+        progress = _ProgressWriter(self, name, report, self.progress_interval_s)
         try:
             self._write(name, {**report, "phase": "Pulling", "bytes": 0})
             upstream = [p for p in (entry.get("source") or "").split(",") if p]
             deadline = started + max(1.0, _remaining(status, spec))
-            endpoints = self._endpoints(name, spec, upstream, cancel, deadline)
+            endpoints, relay = self._endpoints(name, spec, upstream, cancel, deadline)
             pause = spec.get("pause") or {}
-            result = self.agent.pull(
-                endpoints,
-                version=status.get("version"),
-                timeout_s=max(1.0, deadline - time.monotonic()),
-                chunk_bytes=(spec.get("strategy") or {}).get("chunkBytes"),
-                quiesce=pause.get("mode", "engine") != "none",
-                quiesce_timeout_s=float(pause.get("timeoutSeconds", 30)),
-                max_gbps=self.max_gbps,
-            )
+            mode = pause.get("mode", "engine")
+            progress.start()
+            try:
+                result = self.agent.pull(
+                    endpoints,
+                    version=status.get("version"),
+                    timeout_s=max(1.0, deadline - time.monotonic()),
+                    chunk_bytes=(spec.get("strategy") or {}).get("chunkBytes"),
+                    quiesce=mode != "none",
+                    quiesce_timeout_s=float(pause.get("timeoutSeconds", 30)),
+                    max_gbps=self.max_gbps,
+                    cancel=cancel,
+                    progress=progress.update,
+                    relay=relay,
+                    double_buffer=mode == "doubleBuffer",
+                )
+            finally:
+                progress.stop()  # no Pulling write may land after the final one
             if cancel.is_set():
-                raise _Cancelled("the job was deleted or re-assigned during the pull")
-            self._write(name, {**report, "phase": "Done", "bytes": int(result.bytes),
-                               "seconds": round(time.monotonic() - started, 3)})
-            log.info("refit %s attempt %d: %d bytes from %s in %.2fs", name, number, result.bytes,
-                     ",".join(upstream), time.monotonic() - started)
+                raise Cancelled("the job was deleted or re-assigned during the pull")
+            self._write(
+                name,
+                {
+                    **report,
+                    "phase": "Done",
+                    "bytes": int(result.bytes),
+                    "seconds": round(time.monotonic() - started, 3),
+                },
+            )
+            log.info(
+                "refit %s attempt %d: %d bytes from %s in %.2fs",
+                name,
+                number,
+                result.bytes,
+                ",".join(upstream),
+                time.monotonic() - started,
+            )
         except FerryError as exc:
             log.warning("refit %s attempt %d failed: %s: %s", name, number, exc.reason, exc.message)
             self._fail(name, report, exc.reason, exc.message)
@@ -149,47 +187,110 @@ class JobRunner:
 
     def _fail(self, job: str, report: dict[str, Any], reason: str, message: str) -> None:
         try:
-            self._write(job, {**report, "phase": "Failed", "reason": reason, "message": message[:1000]})
+            self._write(
+                job, {**report, "phase": "Failed", "reason": reason, "message": message[:1000]}
+            )
         except client.ApiException as exc:
             if exc.status != 404:  # a deleted job needs no report
                 raise
 
-    def _endpoints(self, job: str, spec: dict[str, Any], pods: list[str], cancel: threading.Event,
-                   deadline: float) -> list[str]:
-        """Upstream pods to gRPC endpoints: source replicas from the WeightSource, relays
-        (other targets) from this job's entries once they are Done."""
+    def _endpoints(
+        self,
+        job: str,
+        spec: dict[str, Any],
+        pods: list[str],
+        cancel: threading.Event,
+        deadline: float,
+    ) -> tuple[list[str], bool]:
+        """Upstream pods to gRPC endpoints, and whether to follow the upstream as a relay.
+
+        Source replicas come from the WeightSource; other targets from this job's
+        entries: once Done, or for strategy chain as soon as they are Pulling (their
+        endpoint is in the entry then), followed chunk by chunk (relay)."""
         api = client.CustomObjectsApi(self.api)
         while True:
-            ws = api.get_namespaced_custom_object(GROUP, VERSION, self.ident.namespace, WeightSource.PLURAL,
-                                                  spec["sourceRef"]["name"])
-            rj = api.get_namespaced_custom_object(GROUP, VERSION, self.ident.namespace, RefitJob.PLURAL, job)
+            ws = api.get_namespaced_custom_object(
+                GROUP, VERSION, self.ident.namespace, WeightSource.PLURAL, spec["sourceRef"]["name"]
+            )
+            rj = api.get_namespaced_custom_object(
+                GROUP, VERSION, self.ident.namespace, RefitJob.PLURAL, job
+            )
             members = {m["pod"]: m for m in (ws.get("status") or {}).get("members") or []}
             targets = {t["pod"]: t for t in (rj.get("status") or {}).get("targets") or []}
-            out, missing = [], []
+            chain = (spec.get("strategy") or {}).get("type") == "chain" and len(pods) == 1
+            serving = ("Done", "Pulling") if chain else ("Done",)
+            out, missing, relay = [], [], False
             for pod in pods:
+                t = targets.get(pod) or {}
                 if pod in members and members[pod].get("endpoint"):
                     out.append(members[pod]["endpoint"])
-                elif pod in targets and targets[pod].get("phase") == "Done" and targets[pod].get("endpoint"):
-                    out.append(targets[pod]["endpoint"])
+                elif t.get("phase") in serving and t.get("endpoint"):
+                    out.append(t["endpoint"])
+                    relay = chain
                 else:
                     missing.append(pod)
             if not missing:
-                return out
-            if cancel.is_set() or time.monotonic() > deadline:
+                return out, relay
+            if cancel.is_set():
+                raise Cancelled("cancelled while waiting for the upstream")
+            if time.monotonic() > deadline:
                 raise UpstreamNotReady(f"upstream not serving: {', '.join(missing)}")
-            time.sleep(self.poll_s)  # a relay upstream that is still pulling
+            time.sleep(min(self.poll_s, 0.2))  # an upstream target that has not started
 
     def _write(self, job: str, fields: dict[str, Any]) -> None:
-        body = {"apiVersion": API_VERSION, "kind": RefitJob.KIND,
-                "metadata": {"name": job, "namespace": self.ident.namespace},
-                "status": {"targets": [{"pod": self.ident.pod, **fields}]}}
+        body = {
+            "apiVersion": API_VERSION,
+            "kind": RefitJob.KIND,
+            "metadata": {"name": job, "namespace": self.ident.namespace},
+            "status": {"targets": [{"pod": self.ident.pod, **fields}]},
+        }
         client.CustomObjectsApi(self.api).patch_namespaced_custom_object_status(
-            GROUP, VERSION, self.ident.namespace, RefitJob.PLURAL, job, body,
-            field_manager=self.manager, force=True, _content_type=APPLY)
+            GROUP,
+            VERSION,
+            self.ident.namespace,
+            RefitJob.PLURAL,
+            job,
+            body,
+            field_manager=self.manager,
+            force=True,
+            _content_type=APPLY,
+        )
 
 
-class _Cancelled(FerryError):
-    reason = "Cancelled"
+class _ProgressWriter:
+    """Writes `bytes` into this pod's entry at most once per interval while a pull runs.
+    The pull only records the latest count (update); the writing happens here."""
+
+    def __init__(self, runner: JobRunner, job: str, report: dict[str, Any], interval: float):
+        self.runner, self.job, self.report, self.interval = runner, job, report, interval
+        self.bytes = 0
+        self._written = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._loop, name=f"ferry-progress-{job}", daemon=True
+        )
+
+    def update(self, done: int) -> None:
+        self.bytes = done
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            done = self.bytes
+            if done == self._written:
+                continue
+            try:
+                self.runner._write(self.job, {**self.report, "phase": "Pulling", "bytes": done})
+                self._written = done
+            except Exception as exc:  # progress is best effort; the final write is not
+                log.debug("progress write for %s: %s", self.job, exc)
 
 
 def _remaining(status: dict[str, Any], spec: dict[str, Any]) -> float:

@@ -54,6 +54,11 @@ class FerryAgentStub:
                 request_serializer=ferry__agent__pb2.PullRequest.SerializeToString,
                 response_deserializer=ferry__agent__pb2.PullReply.FromString,
                 _registered_method=True)
+        self.RelayStatus = channel.unary_unary(
+                '/ferry.agent.v1.FerryAgent/RelayStatus',
+                request_serializer=ferry__agent__pb2.RelayStatusRequest.SerializeToString,
+                response_deserializer=ferry__agent__pb2.RelayStatusReply.FromString,
+                _registered_method=True)
 
 
 class FerryAgentServicer:
@@ -81,6 +86,14 @@ class FerryAgentServicer:
 
     def Pull(self, request, context):
         """Ask this agent (a target) to pull a version from the given sources.
+        Cancelling the call cancels the pull.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RelayStatus(self, request, context):
+        """Chain relays: which byte ranges of our slabs hold the version being pulled now.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,6 +121,11 @@ def add_FerryAgentServicer_to_server(servicer, server):
                     servicer.Pull,
                     request_deserializer=ferry__agent__pb2.PullRequest.FromString,
                     response_serializer=ferry__agent__pb2.PullReply.SerializeToString,
+            ),
+            'RelayStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.RelayStatus,
+                    request_deserializer=ferry__agent__pb2.RelayStatusRequest.FromString,
+                    response_serializer=ferry__agent__pb2.RelayStatusReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,6 +236,33 @@ class FerryAgent:
             '/ferry.agent.v1.FerryAgent/Pull',
             ferry__agent__pb2.PullRequest.SerializeToString,
             ferry__agent__pb2.PullReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RelayStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.agent.v1.FerryAgent/RelayStatus',
+            ferry__agent__pb2.RelayStatusRequest.SerializeToString,
+            ferry__agent__pb2.RelayStatusReply.FromString,
             options,
             channel_credentials,
             insecure,
