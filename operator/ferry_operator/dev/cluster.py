@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,10 +77,14 @@ class DevCluster:
         for i in range(self.nodes):
             core.create_node({"metadata": {"name": f"{NODE_PREFIX}{i}",
                                            "labels": {"kubernetes.io/hostname": f"{NODE_PREFIX}{i}"}}})
-        for i in range(self.sources):
-            self.add_pod(f"trainer-{i}", "source", {"app": "trainer"})
-        for i in range(self.targets):
-            self.add_pod(f"inference-{i}", "target", {"app": "inference"})
+        # Agents start in parallel (each imports torch and NIXL): spawn all, then wait.
+        pending = [self.add_pod(f"trainer-{i}", "source", {"app": "trainer"}, wait=False)
+                   for i in range(self.sources)]
+        pending += [self.add_pod(f"inference-{i}", "target", {"app": "inference"}, wait=False)
+                    for i in range(self.targets)]
+        for start in pending:
+            if start is not None:
+                start()
         return self
 
     def start_operator(self) -> None:
@@ -99,6 +104,10 @@ class DevCluster:
         self.operator = None
 
     def down(self) -> None:
+        # Every agent says goodbye (Stale, Lease released) at once, then we wait.
+        for a in self.agents.values():
+            if a.proc.poll() is None:
+                os.killpg(a.proc.pid, signal.SIGTERM)
         for a in list(self.agents.values()):
             self.stop_agent(a.pod)
         self.stop_operator()
@@ -111,7 +120,9 @@ class DevCluster:
 
     # -- pods and agents ----------------------------------------------------------
     def add_pod(self, name: str, role: str, labels: dict[str, str], node: int | None = None,
-                start_agent: bool = True) -> None:
+                start_agent: bool = True, wait: bool = True) -> Callable[[], AgentProc] | None:
+        """Create a Running pod bound to a node and (unless told not to) start its agent;
+        with wait=False, returns a function that waits for the agent to serve."""
         core = k8s_client.CoreV1Api(self.api())
         node_name = f"{NODE_PREFIX}{(node if node is not None else len(self.agents)) % self.nodes}"
         core.create_namespaced_pod(self.namespace, {
@@ -124,9 +135,14 @@ class DevCluster:
             "phase": "Running", "podIP": "127.0.0.1", "hostIP": "127.0.0.1",
             "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}]}})
         if start_agent:
-            self.start_agent(name, role, node_name)
+            finish = self.start_agent(name, role, node_name, wait=False)
+            if wait:
+                finish()
+                return None
+            return finish
+        return None
 
-    def start_agent(self, pod: str, role: str, node: str) -> AgentProc:
+    def start_agent(self, pod: str, role: str, node: str, wait: bool = True) -> Any:
         assert self.cp is not None
         adir = self.workdir / "agents" / pod
         adir.mkdir(parents=True, exist_ok=True)
@@ -151,23 +167,29 @@ class DevCluster:
             env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
             start_new_session=True)
         deadline = time.monotonic() + 60
-        while not ready.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"agent {pod} did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.1)
-        info = json.loads(ready.read_text())
-        agent = AgentProc(pod, role, proc, info["endpoint"], sock, log, info.get("metrics_port"),
-                          adir / "cache")
-        self.agents[pod] = agent
-        return agent
+
+        def finish() -> AgentProc:
+            while not ready.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"agent {pod} did not start:\n{log.read_text()[-3000:]}")
+                time.sleep(0.05)
+            info = json.loads(ready.read_text())
+            agent = AgentProc(pod, role, proc, info["endpoint"], sock, log, info.get("metrics_port"),
+                              adir / "cache")
+            self.agents[pod] = agent
+            return agent
+
+        return finish() if wait else finish
 
     def stop_agent(self, pod: str, kill: bool = False) -> None:
         a = self.agents.pop(pod, None)
         if a is None or a.proc.poll() is not None:
             return
-        os.killpg(a.proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
         try:
+            os.killpg(a.proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
             a.proc.wait(timeout=20)
+        except ProcessLookupError:
+            pass
         except subprocess.TimeoutExpired:
             os.killpg(a.proc.pid, signal.SIGKILL)
             a.proc.wait()
