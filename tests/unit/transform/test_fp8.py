@@ -88,14 +88,21 @@ def test_dequantised_error_within_e4m3_rounding(device):
     assert float(q[:128, :128].float().abs().max()) == 0.0
 
 
-def test_cpu_and_gpu_agree():
+def test_cpu_and_gpu_agree_within_one_fp8_step():
+    """Each device's fast path equals its reference bit for bit (above); across devices
+    the float32 division and e4m3 rounding may differ in the last bit: allowed is one
+    e4m3 step (scale within 1 float32 ulp)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     w = _weights((512, 640), seed=9, device="cpu")
     q, s = quantize(w)
-    gq, gs = quantize(w.cuda())
-    assert torch.equal(q.view(torch.uint8), gq.cpu().view(torch.uint8))
-    assert torch.equal(s, gs.cpu())
+    gq, gs = (t.cpu() for t in quantize(w.cuda()))
+    assert torch.allclose(s, gs, rtol=2**-23, atol=0)
+    codes = (q.view(torch.uint8).int() - gq.view(torch.uint8).int()).abs()
+    print(f"cpu/gpu fp8 codes differing: {int((codes > 0).sum())} of {codes.numel()}")
+    assert int(codes.max()) <= 1
+    dq, dgq = dequantize(q, s), dequantize(gq, gs)
+    assert bool(((dq - dgq).abs() <= dq.abs() * 2**-3 + s.max() * 2**-9).all())
 
 
 def test_publish_into_views_quantises_and_copies_the_rest():
