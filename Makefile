@@ -7,7 +7,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup lock envtest crds protos generate test unit integration e2e lint plots demo clean chart-test
+.PHONY: setup lock envtest crds protos generate test test-py312 unit integration e2e lint plots demo clean chart-test
 
 setup: .venv/.ferry-deps
 
@@ -54,6 +54,15 @@ e2e: setup
 
 test: setup
 	FERRY_ENVTEST_DIR="$$(hack/envtest.sh | tail -n1)" $(PY) -m pytest tests $(PYTEST_ARGS)
+
+# The unit and API-validation tests under Python 3.12 in a second environment
+# (cached like the first). PY312 names the interpreter.
+PY312 ?= $(shell for p in $$(command -v python3.12) $$HOME/.pyenv/versions/3.12.*/bin/python3.12; do \
+	"$$p" -c '' 2>/dev/null && { echo "$$p"; break; }; done)
+test-py312:
+	@test -n "$(PY312)" || { echo "no python3.12 found; set PY312=/path/to/python3.12"; exit 1; }
+	FERRY_PYTHON="$(PY312)" FERRY_VENV=.venv312 hack/setup-venv.sh
+	FERRY_ENVTEST_DIR="$$(hack/envtest.sh | tail -n1)" .venv312/bin/python -m pytest tests/unit tests/integration/test_validation.py $(PYTEST_ARGS)
 
 demo: setup
 	FERRY_ENVTEST_DIR="$$(hack/envtest.sh | tail -n1)" $(PY) -m ferry_operator.dev.demo
