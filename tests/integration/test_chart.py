@@ -283,3 +283,20 @@ def test_chart_rbac_is_exactly_the_permissions_table(
     agent = _granted(find(docs, "ClusterRole", "-agent"))
     want = rbac.rules(rbac.AGENT)
     assert agent == want, f"extra: {sorted(agent - want)}; missing: {sorted(want - agent)}"
+
+
+def test_user_roles_aggregate_into_view_and_edit(helm: str) -> None:
+    """People get read access with `view` and write access with `edit`; status stays
+    writable only by the operator and agents."""
+    docs = render(helm)
+    view = find(docs, "ClusterRole", "-view")
+    edit = find(docs, "ClusterRole", "-edit")
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert "rbac.authorization.k8s.io/aggregate-to-view" not in edit["metadata"]["labels"]
+    granted = {(r, v) for rule in view["rules"] + edit["rules"]
+               for r in rule["resources"] for v in rule["verbs"]}
+    for kind in ("weightsources", "refitjobs", "artifactcaches"):
+        assert {(kind, "get"), (kind, "watch"), (kind, "create"), (kind, "delete")} <= granted
+        assert not any(r == f"{kind}/status" and v in ("patch", "update") for r, v in granted)
+    off = render(helm, "--set", "rbac.aggregateToUserRoles=false")
+    assert not [d for d in off if d["kind"] == "ClusterRole" and d["metadata"]["name"].endswith(("-view", "-edit"))]
