@@ -46,6 +46,15 @@ def register(subparsers: Any) -> None:
     t.add_argument("--json", action="store_true", help="print only the JSON object")
     t.add_argument("--out", help="also write the JSON object to this file")
     t.set_defaults(func=cmd_transfer)
+    a = sub.add_parser(
+        "artifacts",
+        help="pack, fetch over gRPC between two agents, install a JIT cache tree; compare to tar",
+    )
+    a.add_argument("--bytes", type=parse_size, default=parse_size("1Gi"), help="tree size")
+    a.add_argument("--workdir", default=None, help="where the temporary tree goes")
+    a.add_argument("--json", action="store_true", help="print only the JSON object")
+    a.add_argument("--out", help="also write the JSON object to this file")
+    a.set_defaults(func=cmd_artifacts)
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
@@ -70,3 +79,11 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def cmd_artifacts(args: argparse.Namespace) -> int:
+    from ..artifacts import bench
+
+    argv = ["--bytes", str(args.bytes)] + (["--workdir", args.workdir] if args.workdir else [])
+    argv += ["--out", args.out] if args.out else []
+    return bench.main(argv)
