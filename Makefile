@@ -31,8 +31,14 @@ protos: setup
 
 generate: crds protos
 
+# The pure core is type-checked; adapters around kopf, grpc and NIXL are not (yet).
+MYPY_CORE := crds/ferry_api operator/ferry_operator/handlers operator/ferry_operator/planner.py \
+	operator/ferry_operator/conditions.py operator/ferry_operator/injection.py \
+	agent/ferry_agent/planner.py agent/ferry_agent/layout.py
+
 lint: setup
 	$(PY) -m ruff check crds operator agent tests docs/bench
+	$(PY) -m mypy $(MYPY_CORE)
 
 # Redraw docs/bench/*.png from the committed benchmark JSON (a test fails when stale).
 plots: setup

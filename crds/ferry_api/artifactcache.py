@@ -180,7 +180,7 @@ class ArtifactCache(ApiModel):
     KIND: ClassVar[str] = "ArtifactCache"
     PLURAL: ClassVar[str] = "artifactcaches"
     SHORT_NAMES: ClassVar[list[str]] = ["ac"]
-    PRINTER_COLUMNS: ClassVar[list[dict[str, str]]] = [
+    PRINTER_COLUMNS: ClassVar[list[dict[str, object]]] = [
         {"name": "Kinds", "type": "string", "jsonPath": ".spec.kinds"},
         {"name": "Manifest", "type": "string", "jsonPath": ".status.manifestId", "priority": 1},
         {"name": "Installed", "type": "integer", "jsonPath": ".status.installed"},

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel
 
 from . import GROUP, VERSION
 from .artifactcache import ArtifactCache
@@ -20,7 +19,7 @@ from .refitjob import RefitJob
 from .schema import structural_schema
 from .weightsource import WeightSource
 
-KINDS: list[type[BaseModel]] = [WeightSource, RefitJob, ArtifactCache]
+KINDS: list[Any] = [WeightSource, RefitJob, ArtifactCache]
 CRD_DIR = Path(__file__).resolve().parent.parent
 CATEGORY = "ferry"
 

@@ -202,7 +202,7 @@ class RefitJob(ApiModel):
     KIND: ClassVar[str] = "RefitJob"
     PLURAL: ClassVar[str] = "refitjobs"
     SHORT_NAMES: ClassVar[list[str]] = ["rj"]
-    PRINTER_COLUMNS: ClassVar[list[dict[str, str]]] = [
+    PRINTER_COLUMNS: ClassVar[list[dict[str, object]]] = [
         {"name": "Source", "type": "string", "jsonPath": ".spec.sourceRef.name"},
         {"name": "Version", "type": "string", "jsonPath": ".status.version"},
         {"name": "Targets", "type": "string", "jsonPath": ".status.targetsSummary"},

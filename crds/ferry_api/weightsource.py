@@ -174,7 +174,7 @@ class WeightSource(ApiModel):
     KIND: ClassVar[str] = "WeightSource"
     PLURAL: ClassVar[str] = "weightsources"
     SHORT_NAMES: ClassVar[list[str]] = ["ws"]
-    PRINTER_COLUMNS: ClassVar[list[dict[str, str]]] = [
+    PRINTER_COLUMNS: ClassVar[list[dict[str, object]]] = [
         {"name": "Model", "type": "string", "jsonPath": ".spec.model.name"},
         {"name": "Version", "type": "string", "jsonPath": ".status.version"},
         {"name": "Ready", "type": "string", "jsonPath": ".status.readySummary"},

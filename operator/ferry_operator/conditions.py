@@ -37,7 +37,7 @@ def set_conditions(
             "status": cond.status_str,
             "reason": cond.reason,
             "message": cond.message,
-            "lastTransitionTime": stamp if changed else old["lastTransitionTime"],
+            "lastTransitionTime": stamp if changed or old is None else old["lastTransitionTime"],
         }
         if generation is not None:
             entry["observedGeneration"] = generation

@@ -8,6 +8,7 @@ stays live (so targets are not sent elsewhere mid-install), and aggregates.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -19,7 +20,7 @@ KIND, PLURAL = ArtifactCache.KIND, ArtifactCache.PLURAL
 MAX_FAILURES = 20
 
 
-def _covers(entry: dict[str, Any], kinds: list[str]) -> bool:
+def _covers(entry: dict[str, Any], kinds: Sequence[str]) -> bool:
     have = {c.get("kind") for c in entry.get("caches") or []}
     return entry.get("state") == "Packed" and set(kinds) <= have
 
@@ -37,7 +38,7 @@ def compute_status(spec: ArtifactCacheSpec, status: dict[str, Any], generation: 
         "trust": "Signed" if spec.trust else "Unverified",
         "targets": len(targets),
     }
-    manifest_id = None
+    manifest_id = ""
     if source is not None:
         caches = [c for c in members[source]["caches"] if c.get("kind") in spec.kinds]
         manifest_id = combined_manifest_id(caches)

@@ -184,8 +184,9 @@ def compute_status(spec: RefitJobSpec, status: dict[str, Any], generation: int, 
     if own:
         out["targets"] = [own[p] for p in sorted(own)]
     out["conditions"] = set_conditions(status.get("conditions"), conds, generation, world.now)
-    delete = bool(completion and spec.ttl_seconds_after_finished is not None
-                  and world.now >= parse_time(completion) + timedelta(seconds=spec.ttl_seconds_after_finished))
+    finished_at = parse_time(completion)
+    delete = (finished_at is not None and spec.ttl_seconds_after_finished is not None
+              and world.now >= finished_at + timedelta(seconds=spec.ttl_seconds_after_finished))
     return Decision(out, delete, assigned)
 
 
