@@ -168,19 +168,25 @@ class JobRunner:
                 },
             )
             log.info(
-                "refit %s attempt %d: %d bytes from %s in %.2fs",
+                "refit %s attempt %d: %d bytes from %s%s in %.2fs",
                 name,
                 number,
                 result.bytes,
                 ",".join(upstream),
+                " (relay: followed while it pulled)" if relay else "",
                 time.monotonic() - started,
             )
         except FerryError as exc:
             log.warning("refit %s attempt %d failed: %s: %s", name, number, exc.reason, exc.message)
-            self._fail(name, report, exc.reason, exc.message)
+            self._fail(name, {**report, "bytes": progress.bytes}, exc.reason, exc.message)
         except Exception as exc:  # an unexpected error must still end the attempt visibly
             log.exception("refit %s attempt %d crashed", name, number)
-            self._fail(name, report, "AgentError", f"{type(exc).__name__}: {exc}")
+            self._fail(
+                name,
+                {**report, "bytes": progress.bytes},
+                "AgentError",
+                f"{type(exc).__name__}: {exc}",
+            )
         finally:
             if self.on_done:
                 self.on_done()

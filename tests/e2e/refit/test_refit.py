@@ -7,6 +7,7 @@ verified by hashing every tensor through the engine client on both sides.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from typing import Any
@@ -14,11 +15,13 @@ from typing import Any
 import pytest
 from kubernetes import client as k8s_client
 
+from ferry_agent.layout import DTYPE_SIZES
 from ferry_operator.dev.cluster import DevCluster, demo_layout
 from tests.kube_helpers import GROUP, VERSION, cond, create, get, wait_for
 
 pytestmark = pytest.mark.e2e
 LAYOUT = demo_layout(60, 24 << 20)
+LAYOUT_BYTES = sum(DTYPE_SIZES[t["dtype"]] * math.prod(t["shape"]) for t in LAYOUT)
 
 
 def weightsource(lease: int = 6) -> dict[str, Any]:
@@ -50,6 +53,16 @@ def finished(c: DevCluster, name: str, timeout: float = 90) -> dict[str, Any]:
     api = c.api()
     return wait_for(lambda: (o := get(api, "refitjobs", c.namespace, name)).get("status", {})
                     .get("phase") in ("Succeeded", "Failed") and o, timeout=timeout, what=f"{name} finished")
+
+
+def poll(fn: Any, timeout: float, what: str) -> Any:
+    """wait_for at 50 ms: for tests that watch short-lived states."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if out := fn():
+            return out
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def targets(c: DevCluster) -> list[str]:
@@ -128,30 +141,81 @@ def test_operator_restarted_mid_job_still_completes(cluster: DevCluster) -> None
         assert cluster.weights_digest(pod) == want
 
 
+# 24 MiB at 0.004 GB/s: each pull would take ~6 s.
 @pytest.mark.cluster(sources=1, targets=2, env={"FERRY_PULL_MAX_GBPS": "0.004"})
 def test_deleting_a_running_job_cancels_it(cluster: DevCluster) -> None:
     ready_source(cluster)
     api = cluster.api()
     create(api, cluster.namespace, "refitjobs", refitjob("refit", strategy={"chunkBytes": 1 << 20}))
-    wait_for(lambda: any(e.get("phase") == "Pulling" for e in
-                         get(api, "refitjobs", cluster.namespace, "refit").get("status", {}).get("targets", [])),
-             what="pulling")
+    wait_for(lambda: [e.get("phase") for e in get(api, "refitjobs", cluster.namespace, "refit")
+                      .get("status", {}).get("targets", [])] == ["Pulling", "Pulling"], what="both pulling")
     assert "ferry.dev/finalizer" in get(api, "refitjobs", cluster.namespace, "refit")["metadata"]["finalizers"]
+    time.sleep(1)  # some chunks land
     k8s_client.CustomObjectsApi(api).delete_namespaced_custom_object(GROUP, VERSION, cluster.namespace,
                                                                      "refitjobs", "refit")
     started = time.monotonic()
+    last: dict[str, dict[str, Any]] = {}
 
     def gone() -> bool:
         try:
-            get(api, "refitjobs", cluster.namespace, "refit")
-            return False
+            job = get(api, "refitjobs", cluster.namespace, "refit")
         except k8s_client.ApiException as exc:
             return exc.status == 404
-    wait_for(gone, timeout=30, what="job deleted")
-    assert time.monotonic() - started < 20
+        last.update({e["pod"]: e for e in job.get("status", {}).get("targets", [])})
+        return False
+    poll(gone, timeout=30, what="job deleted")
+    elapsed = time.monotonic() - started
+    # The finalizer holds the job until no target is Pulling: each agent reported its
+    # cancelled pull before the job went away, long before a pull's natural ~6 s.
     for pod in targets(cluster):
+        assert last[pod]["phase"] == "Failed" and last[pod]["reason"] == "Cancelled", last[pod]
+        assert 0 < last[pod].get("bytes", 0) < LAYOUT_BYTES // 2, last[pod]
         log = cluster.workdir.joinpath("agents", pod, "agent.log").read_text()
-        assert "Cancelled" in log or "cancel" in log.lower(), f"{pod} did not cancel its pull"
+        assert "Cancelled" in log, f"{pod} did not cancel its pull"
+    assert elapsed < 4, f"{elapsed:.1f}s"
+
+
+# 24 MiB at 0.008 GB/s: ~3 s per pull, so progress writes (1 s apart) show up.
+@pytest.mark.cluster(sources=1, targets=1, env={"FERRY_PULL_MAX_GBPS": "0.008"})
+def test_progress_bytes_grow_on_the_cr_before_done(cluster: DevCluster) -> None:
+    ready_source(cluster)
+    api = cluster.api()
+    create(api, cluster.namespace, "refitjobs", refitjob("refit", strategy={"chunkBytes": 1 << 20}))
+    seen: list[tuple[str, int]] = []
+
+    def done() -> bool:
+        entries = get(api, "refitjobs", cluster.namespace, "refit").get("status", {}).get("targets", [])
+        for e in entries:
+            if not seen or seen[-1] != (e.get("phase"), e.get("bytes", 0)):
+                seen.append((e.get("phase"), e.get("bytes", 0)))
+        return any(e.get("phase") in ("Done", "Failed") for e in entries)
+    poll(done, timeout=60, what="target done")
+    total = LAYOUT_BYTES
+    partial = [b for phase, b in seen if phase == "Pulling" and 0 < b < total]
+    assert seen[-1][0] == "Done" and len(partial) >= 2, seen
+    assert partial == sorted(partial), seen
+    assert len(partial) <= 5, f"progress writes must be rate-limited (1/s for a ~3 s pull): {seen}"
+
+
+# 24 MiB at 0.008 GB/s: one transfer takes ~3 s; store-and-forward through 3 links ~9 s.
+@pytest.mark.cluster(sources=1, targets=3, env={"FERRY_PULL_MAX_GBPS": "0.008"})
+def test_chain_relays_pipeline_chunks(cluster: DevCluster) -> None:
+    want = ready_source(cluster)
+    api = cluster.api()
+    created = time.monotonic()
+    create(api, cluster.namespace, "refitjobs",
+           refitjob("refit", strategy={"type": "chain", "chunkBytes": 1 << 20}))
+    job = finished(cluster, "refit")
+    wall = time.monotonic() - created
+    assert job["status"]["phase"] == "Succeeded", job["status"]
+    entries = {e["pod"]: e for e in job["status"]["targets"]}
+    first = next(e for e in entries.values() if e["source"] == "trainer-0")
+    for pod in targets(cluster):
+        assert cluster.weights_digest(pod) == want
+    # Each link read from a target that was still pulling.
+    log = "".join(cluster.workdir.joinpath("agents", p, "agent.log").read_text() for p in targets(cluster))
+    assert log.count("relay") >= 2, "the downstream links did not follow as relays"
+    assert wall < 2 * first["seconds"], f"chain of 3 took {wall:.1f}s, one transfer {first['seconds']:.1f}s"
 
 
 @pytest.mark.cluster(sources=1, targets=1)
@@ -215,3 +279,56 @@ def test_engine_never_reads_a_pull_in_progress(cluster: DevCluster) -> None:
     resume = seen.index("resume:2:True")
     assert all(s == v1 for s in seen[:resume]) and all(s == v2 for s in seen[resume + 1:])
     assert seen[resume + 1:], "the engine read again after resume"
+
+
+# 24 MiB at 0.01 GB/s: the pull takes ~2.5 s; the engine may pause only for the swap.
+@pytest.mark.cluster(sources=1, targets=1, env={"FERRY_PULL_MAX_GBPS": "0.01"})
+def test_double_buffer_engine_reads_through_the_pull(cluster: DevCluster) -> None:
+    from ferry_agent.client import EngineClient
+    from ferry_operator.dev.cluster import digest
+
+    v1 = ready_source(cluster, "1", seed=1)
+    api = cluster.api()
+    create(api, cluster.namespace, "refitjobs", refitjob("load"))
+    assert finished(cluster, "load")["status"]["phase"] == "Succeeded"
+
+    reads: list[tuple[float, str]] = []
+    pauses: list[tuple[float, float, str, bool]] = []
+    stop = threading.Event()
+
+    def engine() -> None:
+        with EngineClient.connect(cluster.agents["inference-0"].socket) as c:
+            views = c.attach()
+            c.subscribe()
+            while not stop.is_set():
+                refit = c.wait_refit(timeout=0.01)
+                if refit is None:
+                    reads.append((time.monotonic(), digest(views)))
+                    continue
+                t_ack = time.monotonic()
+                refit.ack()
+                version, ok = refit.wait_done(timeout=60)
+                pauses.append((t_ack, time.monotonic(), version, ok))
+                views = c.attach()  # the weights now live in the other slab set
+
+    t = threading.Thread(target=engine, daemon=True)
+    t.start()
+    wait_for(lambda: len(reads) >= 3, what="engine reading")
+    v2 = cluster.load_weights("trainer-0", "2", LAYOUT, seed=2)
+    wait_for(lambda: get(api, "weightsources", cluster.namespace, "policy")["status"].get("version") == "2",
+             what="source at 2")
+    t0 = time.monotonic()
+    create(api, cluster.namespace, "refitjobs", refitjob("refit-2", pause={"mode": "doubleBuffer"}))
+    job = finished(cluster, "refit-2")
+    time.sleep(0.5)
+    stop.set()
+    t.join(10)
+    assert job["status"]["phase"] == "Succeeded", job["status"]
+    assert len(pauses) == 1 and pauses[0][2:] == ("2", True), pauses
+    ack, resumed = pauses[0][:2]
+    pull_s = next(e for e in job["status"]["targets"] if e["pod"] == "inference-0")["seconds"]
+    before = [d for ts, d in reads if ts < ack]
+    after = [d for ts, d in reads if ts > resumed]
+    assert set(before) == {v1} and after and set(after) == {v2}
+    assert len([ts for ts, _ in reads if t0 < ts < ack]) >= 10, "the engine kept reading during the pull"
+    assert resumed - ack < 0.1 * pull_s, f"paused {resumed - ack:.3f}s of a {pull_s:.1f}s pull"
