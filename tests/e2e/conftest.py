@@ -1,4 +1,5 @@
-"""A dev cluster per test module: real control plane, real operator, real agents."""
+"""`cluster`: a DevCluster per test (real control plane, real operator, real agents);
+`@pytest.mark.cluster(...)` passes its keyword arguments."""
 
 from __future__ import annotations
 
