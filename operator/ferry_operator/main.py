@@ -11,7 +11,7 @@ import kopf
 
 from ferry_api import GROUP, VERSION
 
-from . import health, injection, reconcile
+from . import health, injection, metrics, reconcile
 from .handlers.refitjob import TERMINAL
 
 RESYNC_SECONDS = float(os.environ.get("FERRY_RESYNC_SECONDS", "30"))
@@ -118,3 +118,12 @@ def _running(status: kopf.Status, **_: Any) -> bool:
 kopf.timer(GROUP, VERSION, "refitjobs", id="progress", interval=JOB_CHECK_SECONDS,
            when=_running)(reconcile.refitjob_)
 kopf.on.delete(GROUP, VERSION, "refitjobs", id="cancel")(reconcile.refitjob_deleted)
+
+
+@kopf.on.delete(GROUP, VERSION, "weightsources", id="forget", optional=True)
+def forget_weightsource(namespace: str, name: str, **_: Any) -> None:
+    """No finalizer (optional): only drop the deleted source's gauge series."""
+    try:
+        metrics.STALE_REPLICAS.remove(namespace, name)
+    except KeyError:
+        pass

@@ -64,14 +64,21 @@ def _run(kind: str, plural: str, body: kopf.Body, logger: logging.Logger,
 
 def weightsource_(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
     ns = body["metadata"]["namespace"]
+    computed: dict[str, Any] = {}
 
     def compute(spec: WeightSourceSpec, status: dict, generation: int) -> dict:
         pods = _pod_names(ns, spec.selector.to_label_selector())
         live = kube.live_agents(ns, now())
-        return weightsource.compute_status(spec, status, generation, pods, now(), live)
+        out = weightsource.compute_status(spec, status, generation, pods, now(), live)
+        members = weightsource.effective_members(
+            [m for m in status.get("members") or [] if m.get("pod") in set(pods)], live)
+        computed["stale"] = [m["pod"] for m in members if m.get("state") == "Stale"]
+        return out
 
     _run(WeightSource.KIND, WeightSource.PLURAL, body, logger, compute, WeightSourceSpec,
          ["Ready", "Degraded"])
+    stale = set(computed.get("stale") or [])
+    metrics.STALE_REPLICAS.labels(ns, body["metadata"]["name"]).set(len(stale))
 
 
 def refitjob_(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:

@@ -96,6 +96,8 @@ def test_expired_lease_is_marked_stale_within_one_lease_duration(
         ws = get(api_client, "weightsources", namespace, "src")
         assert cond(ws, "Degraded")["reason"] == "ReplicasStale"
         assert ws["status"]["readyReplicas"] == 0
+        gauge = f'ferry_operator_stale_replicas{{namespace="{namespace}",weightsource="src"}} 1.0'
+        wait_for(lambda: gauge in operator.metrics(), timeout=10, what="stale gauge")
     finally:
         proc.kill()
         proc.wait()
