@@ -11,6 +11,7 @@ harness do):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -35,7 +36,7 @@ from .nixl_engine import (
 )
 from .peer import AgentClient
 from .planner import Plan, Segment, build_plan
-from .slabs import create_slabs, reap_stale
+from .slabs import VersionHeader, create_slabs, reap_stale
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,11 @@ class _Source:
     manifest: Manifest
     version: str
     epoch: int
+    # The peer's version header (VersionInfo.header_*), 0 addr: none; and the words
+    # (nonce, epoch, generation) it must hold while `version` is what we read.
+    header: tuple[int, int, int] = (0, 0, 0)
+    header_memory: str = ""
+    words: tuple[int, ...] = ()
 
 
 class Agent:
@@ -149,12 +155,61 @@ class Agent:
         self._epoch = 0
         self._pulling = False
         self._peers: dict[str, _Source] = {}
-        self.register_s = 0.0
+        self.register_s = 0.0  # the slab registration call of the last declare
+        self.alloc_s = 0.0  # the slab allocation of the last declare
         self.server: Any = None
         self.control: ControlServer | None = None
         self.metrics_server: MetricsServer | None = None
         self._extra_servicers: list[tuple[Any, Any]] = []
         self.startup_gates: list[Any] = []
+
+        self._nonce = secrets.randbits(63) | 1
+        self._init_headers()
+
+    def _init_headers(self) -> None:
+        """Our version header (peers READ it) and the landing header (we READ theirs into
+        it), registered now, before any peer loads our metadata. On CUDA this is also the
+        process's first CUDA allocation and first VRAM registration (context, UCX cuda
+        transports): paid here at start-up, not by the weight slabs' registration."""
+        t0 = time.perf_counter()
+        self._header = VersionHeader(self.config.memory, self.config.device)
+        self._landing = VersionHeader(self.config.memory, self.config.device)
+        t1 = time.perf_counter()
+        mem = self._header.memory
+        self._header_reg = self.engine.register([self._header.region, self._landing.region], mem)
+        t2 = time.perf_counter()
+        self.startup_alloc_s, self.startup_register_s = t1 - t0, t2 - t1
+        self._write_header()
+        log.info(
+            "start-up: version headers allocated in %.1f ms, registered in %.1f ms",
+            (t1 - t0) * 1e3,
+            (t2 - t1) * 1e3,
+        )
+
+    def _write_header(self) -> None:
+        self._header.write((self._nonce, self._epoch, self._generation), self._version)
+
+    def header_info(self) -> dict[str, Any]:
+        """VersionInfo's header fields (see ferry_agent.proto)."""
+        return {
+            "header_addr": self._header.addr,
+            "header_nbytes": VersionHeader.NBYTES,
+            "header_device": self._header.device_id,
+            "header_memory": self._header.memory,
+            "nonce": self._nonce,
+        }
+
+    def read_header(self, src: _Source) -> tuple[tuple[int, ...], str | None] | None:
+        """The source's header (words, version), READ over NIXL; None when it cannot be read
+        (no header, no handle yet, or the READ failed: use GetVersion)."""
+        if not src.header[0] or not self.engine.has_header(src.endpoint):
+            return None
+        try:
+            self.engine.read_header(src.endpoint)
+        except FerryError as exc:
+            log.debug("version header of %s: %s", src.endpoint, exc)
+            return None
+        return self._landing.read()
 
     def _cuda_thread_init(self) -> None:
         from .cuda import set_device
@@ -212,6 +267,11 @@ class Agent:
         self._peers.clear()
         self.engine.close()
         self._free_slabs()
+        if self._header_reg is not None:
+            self.engine.deregister(self._header_reg, 2)
+            self._header_reg = None
+            self._header.close()
+            self._landing.close()
 
     def _free_slabs(self) -> None:
         with self._lock:
@@ -229,15 +289,24 @@ class Agent:
             self._standby = []
             self._tracker = None
 
-    def _allocate(self, layout: Layout) -> tuple[list[Any], Any]:
+    def _allocate(self, layout: Layout) -> tuple[list[Any], Any, float, float]:
+        """Slabs, their registration, and how long allocating and registering took."""
+        t0 = time.perf_counter()
         slabs = create_slabs(
             layout.slab_sizes,
             self.config.memory,
             prefix=f"{self.config.shm_prefix}-{self.config.pod}",
             device=self.config.device,
         )
+        t1 = time.perf_counter()
         mem = "VRAM" if self.config.memory == "cuda" else "DRAM"
-        return slabs, self.engine.register([(s.addr, s.nbytes, s.device_id) for s in slabs], mem)
+        try:
+            reg = self.engine.register([(s.addr, s.nbytes, s.device_id) for s in slabs], mem)
+        except BaseException:
+            for s in slabs:
+                s.close()
+            raise
+        return slabs, reg, t1 - t0, time.perf_counter() - t1
 
     # -- layout and versions -------------------------------------------------------
     def declare(self, specs: Sequence[TensorSpec]) -> bool:
@@ -248,18 +317,18 @@ class Agent:
             if self._layout is not None and self._layout.fingerprint == layout.fingerprint:
                 return False
             self._free_slabs()
-            t0 = time.perf_counter()
-            slabs, self._reg = self._allocate(layout)
-            self.register_s = time.perf_counter() - t0
+            slabs, self._reg, self.alloc_s, self.register_s = self._allocate(layout)
             self.metrics.registration_seconds.observe(self.register_s)
             self._slabs, self._layout = slabs, layout
             self._generation += 1
             self._version, self._epoch = "", self._epoch + (2 - self._epoch % 2)
+            self._write_header()
             log.info(
-                "declared %d tensors, %d slabs, %.1f MiB, registered in %.1f ms",
+                "declared %d tensors, %d slabs, %.1f MiB, allocated in %.3f ms, registered in %.3f ms",
                 len(specs),
                 len(slabs),
                 layout.nbytes / 2**20,
+                self.alloc_s * 1e3,
                 self.register_s * 1e3,
             )
             return True
@@ -284,6 +353,7 @@ class Agent:
         with self._lock:
             if self._epoch % 2 == 0:
                 self._epoch += 1
+                self._write_header()
             return self._epoch
 
     def publish(self, version: str) -> int:
@@ -294,6 +364,7 @@ class Agent:
         with self._lock:
             self._epoch += 2 - self._epoch % 2
             self._version = version
+            self._write_header()
             self.metrics.version_info.clear()
             self.metrics.version_info.labels(version, self.layout.fingerprint).set(1)
             return self._epoch
@@ -414,9 +485,54 @@ class Agent:
                 self.engine.drop(endpoint)
         else:
             man = cached.manifest
-        src = _Source(endpoint, client, man, info.version, int(info.epoch))
+        src = _Source(
+            endpoint,
+            client,
+            man,
+            info.version,
+            int(info.epoch),
+            header=(int(info.header_addr), int(info.header_nbytes), int(info.header_device)),
+            header_memory=info.header_memory,
+            words=(int(info.nonce), int(info.epoch), int(info.generation)),
+        )
         self._peers[endpoint] = src
+        self._prepare_header(src)
         return src
+
+    def _source_cached(self, endpoint: str) -> _Source | None:
+        """The cached source when its version header READ over NIXL still shows the words
+        we saw: nothing changed since, so no GetVersion (and no manifest) is needed."""
+        src = self._peers.get(endpoint)
+        if src is None or not src.words:
+            return None
+        got = self.read_header(src)
+        if got is None:
+            return None
+        words, version = got
+        same = words[0] == src.words[0] and words[2] == src.words[2]  # agent, slabs
+        if not same or words[1] % 2 or version is None:
+            return None
+        if words[1] != src.epoch:  # a new version on the same slabs: manifest still good
+            src = dataclasses.replace(src, version=version, epoch=words[1], words=words)
+            self._peers[endpoint] = src
+        return src
+
+    def _prepare_header(self, src: _Source) -> None:
+        addr, nbytes, dev = src.header
+        ok = addr and src.words[0] and nbytes == VersionHeader.NBYTES
+        if not ok or src.header_memory != self._landing.memory:
+            return
+        try:
+            self.engine.prepare_header(
+                src.endpoint,
+                src.manifest.cache_key,
+                functools.partial(_metadata_of, src.manifest),
+                (self._landing.addr, nbytes, self._landing.device_id),
+                (addr, nbytes, dev),
+                self._landing.memory,
+            )
+        except Exception as exc:  # no header fast path for this peer: GetVersion it is
+            log.info("version header of %s not readable over NIXL: %s", src.endpoint, exc)
 
     def _plan(self, srcs: list[_Source], chunk_bytes: int) -> Plan:
         return build_plan(
@@ -471,9 +587,12 @@ class Agent:
         """The second slab set (allocated and registered on first use, then kept)."""
         with self._lock:
             if not self._standby:
-                t0 = time.perf_counter()
-                self._standby, self._standby_reg = self._allocate(self.layout)
-                log.info("standby slab set registered in %.1f ms", (time.perf_counter() - t0) * 1e3)
+                self._standby, self._standby_reg, a_s, r_s = self._allocate(self.layout)
+                log.info(
+                    "standby slab set allocated in %.1f ms, registered in %.1f ms",
+                    a_s * 1e3,
+                    r_s * 1e3,
+                )
             return list(self._standby)
 
     def _swap(self, version: str) -> None:
@@ -501,6 +620,7 @@ class Agent:
         with self._lock:
             self._version = ""
             self._epoch += 2 - self._epoch % 2
+            self._write_header()
 
 
 def _metadata_of(manifest: Manifest) -> bytes:

@@ -86,6 +86,16 @@ def set_device(device: int) -> None:
     _check(cudart().cudaSetDevice(device), f"cudaSetDevice({device})")
 
 
+def memcpy(dst: int, src: int, nbytes: int) -> None:
+    """Synchronous cudaMemcpy between any two addresses (cudaMemcpyDefault: UVA decides)."""
+    _check(
+        cudart().cudaMemcpy(
+            ctypes.c_void_p(dst), ctypes.c_void_p(src), ctypes.c_size_t(nbytes), ctypes.c_int(4)
+        ),
+        "cudaMemcpy",
+    )
+
+
 class CudaArray:
     """`__cuda_array_interface__` over raw device memory so torch can wrap it without a copy."""
 

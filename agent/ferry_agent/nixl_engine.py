@@ -194,6 +194,8 @@ class NixlEngine:
         self._lock = threading.RLock()
         self._remotes: dict[tuple[str, int], tuple[str, str]] = {}  # (peer, lane) -> (md key, name)
         self._prepared: dict[str, Prepared] = {}
+        # peer -> (key, lane, local dlist, remote dlist, READ handle) of its version header
+        self._headers: dict[str, tuple[Any, int, Any, Any, Any]] = {}
         self._leaked: list[tuple[int, Any]] = []
         self.stats = EngineStats()
 
@@ -248,6 +250,7 @@ class NixlEngine:
         if cached and cached[0] == md_key:
             return cached[1]
         if cached:
+            self._release_header(peer)  # its remote list names the old remote agent
             self._remove_remote(peer, lane)
         with self._lane_locks[lane]:
             name = self._agents[lane].add_remote_agent(metadata())
@@ -323,6 +326,78 @@ class NixlEngine:
             self._prepared[peer] = entry
             return entry
 
+    def prepare_header(
+        self,
+        peer: str,
+        md_key: str,
+        metadata: Callable[[], bytes],
+        local: tuple[int, int, int],
+        remote: tuple[int, int, int],
+        mem: str,
+    ) -> None:
+        """One READ handle (lane 1) from a peer's version header into our landing header,
+        cached with the peer like its data lists (same remote agent, same md_key)."""
+        with self._lock:
+            key = (md_key, local, remote, mem)
+            cached = self._headers.get(peer)
+            if cached is not None and cached[0] == key:
+                return
+            self._release_header(peer)
+            lane = 1
+            name = self._remote(peer, lane, md_key, metadata)
+            agent, one = self._agents[lane], np.zeros(1, np.int32)
+            with self._lane_locks[lane]:
+                ldl = agent.prep_xfer_dlist("", np.array([local], np.uint64), mem)
+                rdl = agent.prep_xfer_dlist(name, np.array([remote], np.uint64), mem)
+                h = agent.make_prepped_xfer("READ", ldl, one, rdl, one)
+            self._headers[peer] = (key, lane, ldl, rdl, h)
+
+    def has_header(self, peer: str) -> bool:
+        return peer in self._headers
+
+    def read_header(self, peer: str, timeout_s: float = 1.0) -> None:
+        """READ the peer's version header into our landing header and wait (a few us:
+        it is 24 bytes). Raises TransferFailed / TransferTimeout; the caller falls back
+        to GetVersion."""
+        entry = self._headers.get(peer)
+        if entry is None:
+            raise TransferFailed(f"no version header prepared for {peer}", peer=peer)
+        lane, h = entry[1], entry[4]
+        agent, lock = self._agents[lane], self._lane_locks[lane]
+        end = time.monotonic() + timeout_s
+        with lock:
+            state = agent.transfer(h)
+        while state == "PROC":
+            if time.monotonic() > end:
+                with self._lock:
+                    self._leaked.append((lane, h))
+                    self._headers.pop(peer, None)
+                raise TransferTimeout(f"version header READ from {peer} timed out", peer=peer)
+            time.sleep(0)
+            with lock:
+                state = agent.check_xfer_state(h)
+        if state != "DONE":
+            with self._lock:
+                self._release_header(peer)
+            raise TransferFailed(f"version header READ from {peer} failed", peer=peer)
+
+    def _release_header(self, peer: str) -> None:
+        entry = self._headers.pop(peer, None)
+        if entry is None:
+            return
+        _, lane, ldl, rdl, h = entry
+        try:
+            with self._lane_locks[lane]:
+                self._agents[lane].release_xfer_handle(h)
+        except Exception:
+            self._leaked.append((lane, h))
+        for dl in (ldl, rdl):
+            try:
+                with self._lane_locks[lane]:
+                    self._agents[lane].release_dlist_handle(dl)
+            except Exception as exc:
+                log.debug("release_dlist_handle: %s", exc)
+
     def _release_entry(self, entry: Prepared) -> None:
         for lane, h in entry.handles:
             try:
@@ -344,6 +419,7 @@ class NixlEngine:
             entry = self._prepared.pop(peer, None)
             if entry is not None:
                 self._release_entry(entry)
+            self._release_header(peer)
             for lane in range(len(self._agents)):
                 self._remove_remote(peer, lane)
 
@@ -469,7 +545,9 @@ class NixlEngine:
 
     def close(self) -> None:
         with self._lock:
-            for peer in list(set(self._prepared) | {p for p, _ in self._remotes}):
+            for peer in list(
+                set(self._prepared) | set(self._headers) | {p for p, _ in self._remotes}
+            ):
                 self.drop(peer)
             for lane, h in self._leaked:
                 try:

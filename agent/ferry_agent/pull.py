@@ -5,6 +5,14 @@ while READs are in flight, and read again after the last one landed. Any change
 means the bytes may mix two versions: the pull is retried (version "latest")
 or fails with VersionChanged; it never reports success.
 
+Warm cycles fence one-sidedly: each source keeps (nonce, epoch, generation) in a
+small NIXL-registered header, and every change of version, write state or slabs
+bumps its epoch. A target that already holds the source's manifest READs that
+header before its data READs and again after them (the words must equal what it
+saw when it last asked GetVersion), so a warm cycle makes no RPC. GetVersion (and
+the manifest when the layout changed) is only called when the header differs,
+cannot be read, or the source is new.
+
 Double buffer: the READs land in the standby slab set while the engine keeps
 reading (and peers keep pulling) the active one; only the swap is paused for.
 """
@@ -81,7 +89,9 @@ def _stable_sources(agent: Agent, endpoints: list[str], opts: PullOptions) -> li
     while True:
         opts.check_cancel()
         try:
-            srcs = [agent._source(ep, agent._peer(ep)) for ep in endpoints]
+            srcs = [
+                agent._source_cached(ep) or agent._source(ep, agent._peer(ep)) for ep in endpoints
+            ]
         except PeerUnavailable as exc:
             agent._peers.pop(str(exc.fields.get("endpoint", "")), None)
             raise
@@ -95,8 +105,20 @@ def _stable_sources(agent: Agent, endpoints: list[str], opts: PullOptions) -> li
         time.sleep(WRITING_BACKOFF_S)
 
 
-def _fence(srcs: list[_Source], deadline: float) -> None:
+def _fence(agent: Agent, srcs: list[_Source], deadline: float) -> None:
     for s in srcs:
+        got = agent.read_header(s)
+        if got is not None:
+            words = got[0]
+            if words != s.words:
+                now = "being written" if words[1] % 2 else "a newer version or layout"
+                raise VersionChanged(
+                    f"source {s.endpoint} changed during the pull: had {s.version!r}, {now}",
+                    endpoint=s.endpoint,
+                    had=s.version,
+                    now="",
+                )
+            continue
         v = s.client.version(timeout=max(0.2, min(5.0, deadline - time.monotonic())))
         key = f"{v.agent}#{v.generation}#{v.fingerprint}"
         if (v.version, int(v.epoch), key) != (s.version, s.epoch, s.manifest.cache_key):
@@ -150,13 +172,15 @@ def run_pull(agent: Agent, endpoints: list[str], opts: PullOptions) -> PullResul
                 res = agent.engine.read(
                     prepared,
                     deadline=opts.deadline,
-                    check=Watch(opts, tracker, functools.partial(_fence, srcs, opts.deadline)),
+                    check=Watch(
+                        opts, tracker, functools.partial(_fence, agent, srcs, opts.deadline)
+                    ),
                     check_interval_s=CHECK_INTERVAL_S,
                     max_inflight=agent.config.max_inflight,
                     max_bytes_per_s=opts.max_gbps * 1e9 if opts.max_gbps else None,
                     on_complete=tracker.on_complete,
                 )
-                _fence(srcs, opts.deadline)
+                _fence(agent, srcs, opts.deadline)
             except VersionChanged:
                 tracker.finish(ok=False)
                 if writing:

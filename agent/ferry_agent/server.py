@@ -39,7 +39,7 @@ class AgentServicer(pb_grpc.FerryAgentServicer):
         return man.to_proto()
 
     def GetVersion(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        return pb.VersionInfo(**self.agent.version_info())
+        return pb.VersionInfo(**self.agent.version_info(), **self.agent.header_info())
 
     def Health(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         a = self.agent

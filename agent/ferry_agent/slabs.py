@@ -172,3 +172,71 @@ def create_slabs(
 
         return [CudaSlab.create(i, n, device=device) for i, n in enumerate(sizes)]
     raise ValueError(f"memory must be host or cuda, not {memory!r}")
+
+
+class VersionHeader:
+    """A tiny registered region: (nonce, epoch, generation, version length) as uint64s,
+    then the version string (UTF-8, at most MAX_VERSION bytes; longer: length 2**63).
+
+    A source keeps its own header equal to its version fields; a target READs a
+    source's header into its own (a landing buffer) before and after the data, in
+    the same memory kind as the slabs, so the check rides the data path (cuda_ipc
+    for VRAM) and needs no RPC. On CUDA agents it is also the process's first VRAM
+    registration, made at start-up, so the weight slabs' registration is not the
+    one that pays for UCX's CUDA set-up. Kept referenced for its registered life."""
+
+    NBYTES = 256
+    WORDS = 3
+    MAX_VERSION = NBYTES - 32
+
+    def __init__(self, memory: str, device: int = 0):
+        self.memory = "VRAM" if memory == "cuda" else "DRAM"
+        self.device_id = device if memory == "cuda" else 0
+        self._host = np.zeros(self.NBYTES // 8, np.uint64)  # staging (cuda) or the region itself
+        self._cuda: Any = None
+        if memory == "cuda":
+            from .cuda import CudaSlab
+
+            self._cuda = CudaSlab.create(0, PAGE, device=device)
+            self.addr = self._cuda.addr
+        else:
+            self.addr = int(self._host.ctypes.data)
+
+    @property
+    def region(self) -> tuple[int, int, int]:
+        return (self.addr, self.NBYTES, self.device_id)
+
+    def write(self, words: tuple[int, ...], version: str) -> None:
+        """Every change bumps the epoch word (publish, begin_write, re-declare), and the
+        words go after the version bytes: a READ torn by a concurrent change sees a
+        version that the READ after the data (which compares the words) rejects."""
+        raw = version.encode()
+        n = len(raw) if len(raw) <= self.MAX_VERSION else 1 << 63
+        b = self._host.view(np.uint8)
+        if n <= self.MAX_VERSION:
+            b[32 : 32 + n] = np.frombuffer(raw, np.uint8)
+        self._host[3] = n
+        self._host[: self.WORDS] = words
+        if self._cuda is not None:
+            from .cuda import memcpy, set_device
+
+            set_device(self.device_id)
+            memcpy(self.addr, int(self._host.ctypes.data), self.NBYTES)
+
+    def read(self) -> tuple[tuple[int, ...], str | None]:
+        """(words, version); version None when it did not fit (ask GetVersion)."""
+        if self._cuda is not None:
+            from .cuda import memcpy, set_device
+
+            set_device(self.device_id)
+            memcpy(int(self._host.ctypes.data), self.addr, self.NBYTES)
+        words = tuple(int(x) for x in self._host[: self.WORDS])
+        n = int(self._host[3])
+        if n > self.MAX_VERSION:
+            return words, None
+        return words, self._host.view(np.uint8)[32 : 32 + n].tobytes().decode(errors="replace")
+
+    def close(self) -> None:
+        if self._cuda is not None:
+            self._cuda.close()
+            self._cuda = None

@@ -70,6 +70,14 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     return 0 if result.get("verified") else 1
 
 
+def cmd_artifacts(args: argparse.Namespace) -> int:
+    from ..artifacts import bench
+
+    argv = ["--bytes", str(args.bytes)] + (["--workdir", args.workdir] if args.workdir else [])
+    argv += ["--out", args.out] if args.out else []
+    return bench.main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ferry")
     register(parser.add_subparsers(dest="command", required=True))
@@ -79,11 +87,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def cmd_artifacts(args: argparse.Namespace) -> int:
-    from ..artifacts import bench
-
-    argv = ["--bytes", str(args.bytes)] + (["--workdir", args.workdir] if args.workdir else [])
-    argv += ["--out", args.out] if args.out else []
-    return bench.main(argv)
