@@ -22,16 +22,12 @@ STUBS = ("artifacts_pb2.py", "artifacts_pb2.pyi", "artifacts_pb2_grpc.py")
 
 def generate(out_root: Path) -> dict[str, bytes]:
     """Run protoc into `out_root`; return {stub name: bytes}."""
-    import grpc_tools  # noqa: PLC0415 - a build-time dependency only
-    from grpc_tools import protoc  # noqa: PLC0415
+    from ferry_agent.proto.build import run_protoc  # noqa: PLC0415
 
-    include = str(Path(grpc_tools.__file__).parent / "_proto")
     rel = PROTO.relative_to(AGENT_ROOT)
-    rc = protoc.main(
+    rc = run_protoc(
         [
-            "grpc_tools.protoc",
             f"-I{AGENT_ROOT}",
-            f"-I{include}",
             f"--python_out={out_root}",
             f"--pyi_out={out_root}",
             f"--grpc_python_out={out_root}",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -22,19 +23,22 @@ def proto_dirs() -> list[Path]:
     return [d for d in dirs if any(d.glob("*.proto"))]
 
 
-def generate(src_dir: Path, out_dir: Path) -> list[Path]:
-    import grpc_tools
-    from grpc_tools import protoc
+def run_protoc(args: list[str]) -> int:
+    """grpc_tools' protoc in a child process: its bundled protobuf C++ must not be
+    loaded into a process that already holds NIXL/UCX (the two crash together)."""
+    import grpc_tools  # the package only; its compiler extension loads in the child
 
     include = str(Path(grpc_tools.__file__).parent / "_proto")
+    return subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{include}", *args]).returncode
+
+
+def generate(src_dir: Path, out_dir: Path) -> list[Path]:
     written = []
     for path in sorted(src_dir.glob("*.proto")):
         proto = path.name
-        rc = protoc.main(
+        rc = run_protoc(
             [
-                "grpc_tools.protoc",
                 f"-I{src_dir}",
-                f"-I{include}",
                 f"--python_out={out_dir}",
                 f"--grpc_python_out={out_dir}",
                 str(path),
