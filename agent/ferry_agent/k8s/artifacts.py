@@ -62,7 +62,9 @@ class ArtifactAgent:
         self.agent = agent
         self.poll_s = poll_s
         self.dirs = cache_dirs()
-        store = os.environ.get("FERRY_ARTIFACT_STORE") or tempfile.mkdtemp(prefix="ferry-artifacts-")
+        store = os.environ.get("FERRY_ARTIFACT_STORE") or tempfile.mkdtemp(
+            prefix="ferry-artifacts-"
+        )
         self.store = ArtifactStore(store)
         self.trust_dir = Path(os.environ.get("FERRY_TRUST_DIR", "/etc/ferry/trust"))
         self.ident: PodIdentity | None = None
@@ -108,10 +110,15 @@ class ArtifactAgent:
 
     # -- one pass ----------------------------------------------------------------
     def tick(self) -> None:
-        labels = client.CoreV1Api(self.api).read_namespaced_pod(
-            self.ident.pod, self.ident.namespace).metadata.labels or {}
+        labels = (
+            client.CoreV1Api(self.api)
+            .read_namespaced_pod(self.ident.pod, self.ident.namespace)
+            .metadata.labels
+            or {}
+        )
         items = client.CustomObjectsApi(self.api).list_namespaced_custom_object(
-            GROUP, VERSION, self.ident.namespace, ArtifactCache.PLURAL)["items"]
+            GROUP, VERSION, self.ident.namespace, ArtifactCache.PLURAL
+        )["items"]
         for ac in items:
             spec = ac["spec"]
             if selector_matches(spec.get("sources") or {}, labels):
@@ -125,8 +132,15 @@ class ArtifactAgent:
         if spec.trust:
             path = self.trust_dir / spec.trust.secret_ref / PRIVATE_KEY
             if not path.exists():
-                self._report(ac, {"role": "source", "state": "Missing", "reason": "SigningKeyMissing",
-                                  "message": f"spec.trust is set but {path} is not mounted"})
+                self._report(
+                    ac,
+                    {
+                        "role": "source",
+                        "state": "Missing",
+                        "reason": "SigningKeyMissing",
+                        "message": f"spec.trust is set but {path} is not mounted",
+                    },
+                )
                 return
             key = load_private_key(path)
         caches, missing = [], []
@@ -134,15 +148,33 @@ class ArtifactAgent:
             info = self.store.by_identity(ident.hash)
             if info is None and kind in self.dirs and _has_files(self.dirs[kind]):
                 info = self.store.publish(self.dirs[kind], ident, key=key)
-                log.info("packed %s cache %s (%d files)", kind, info.manifest_id[:19], len(info.manifest.files))
+                log.info(
+                    "packed %s cache %s (%d files)",
+                    kind,
+                    info.manifest_id[:19],
+                    len(info.manifest.files),
+                )
             if info is None:
                 missing.append(kind)
                 continue
-            caches.append({"kind": kind, "identity": ident.hash, "manifestId": info.manifest_id,
-                           "bytes": info.manifest.payload_size, "files": len(info.manifest.files)})
-        entry: dict[str, Any] = {"role": "source", "state": "Missing" if missing else "Packed", "caches": caches}
+            caches.append(
+                {
+                    "kind": kind,
+                    "identity": ident.hash,
+                    "manifestId": info.manifest_id,
+                    "bytes": info.manifest.payload_size,
+                    "files": len(info.manifest.files),
+                }
+            )
+        entry: dict[str, Any] = {
+            "role": "source",
+            "state": "Missing" if missing else "Packed",
+            "caches": caches,
+        }
         if missing:
-            entry.update(reason="NoWarmCache", message=f"no warm cache here for {', '.join(missing)}")
+            entry.update(
+                reason="NoWarmCache", message=f"no warm cache here for {', '.join(missing)}"
+            )
         self._report(ac, entry)
 
     def _as_target(self, ac: dict[str, Any]) -> None:
@@ -153,12 +185,18 @@ class ArtifactAgent:
         deadline = self._deadlines.setdefault(uid, time.monotonic() + spec.install_timeout_seconds)
         mine = next((m for m in status.get("members") or [] if m.get("pod") == self.ident.pod), {})
         want = status.get("manifestId")
-        if mine.get("state") == "Installed" and want and combined_manifest_id(mine.get("caches") or [{"kind": "", "manifestId": ""}]) == want:
+        if (
+            mine.get("state") == "Installed"
+            and want
+            and combined_manifest_id(mine.get("caches") or [{"kind": "", "manifestId": ""}]) == want
+        ):
             self._settled[uid] = True
             return
         if self._settled[uid] and mine.get("state") == "Failed":
             return  # gave up; the engine started cold
-        source = next((m for m in status.get("members") or [] if m.get("pod") == status.get("source")), None)
+        source = next(
+            (m for m in status.get("members") or [] if m.get("pod") == status.get("source")), None
+        )
         if not want or source is None or not source.get("endpoint"):
             if time.monotonic() > deadline:
                 self._give_up(ac, "NoSource", "no warm source within spec.installTimeoutSeconds")
@@ -171,7 +209,9 @@ class ArtifactAgent:
             if path.exists():
                 pubkey = load_public_key(path)
             elif spec.trust.required:
-                self._give_up(ac, "TrustKeyMissing", f"spec.trust is required but {path} is not mounted")
+                self._give_up(
+                    ac, "TrustKeyMissing", f"spec.trust is required but {path} is not mounted"
+                )
                 return
         self._report(ac, {"role": "target", "state": "Installing"})
         installed = []
@@ -180,15 +220,25 @@ class ArtifactAgent:
                 kind = cache["kind"]
                 into = self.dirs.get(kind)
                 if into is None:
-                    raise ArtifactRejected("no-cache-dir", f"FERRY_CACHE_DIRS names no directory for {kind}")
+                    raise ArtifactRejected(
+                        "no-cache-dir", f"FERRY_CACHE_DIRS names no directory for {kind}"
+                    )
                 into.mkdir(parents=True, exist_ok=True)
                 result = fetch_and_install(
-                    source["endpoint"], cache["identity"], self.agent.token(), into,
-                    pubkey=pubkey, expected_id=cache["manifestId"], max_bytes=spec.max_bytes,
+                    source["endpoint"],
+                    cache["identity"],
+                    self.agent.token(),
+                    into,
+                    pubkey=pubkey,
+                    expected_id=cache["manifestId"],
+                    max_bytes=spec.max_bytes,
                     timeout=max(5.0, deadline - time.monotonic()),
-                    wait_timeout=max(5.0, deadline - time.monotonic()))
+                    wait_timeout=max(5.0, deadline - time.monotonic()),
+                )
                 if not result.ok:
-                    raise ArtifactRejected(result.reason or "install-failed", f"{kind}: {result.state}")
+                    raise ArtifactRejected(
+                        result.reason or "install-failed", f"{kind}: {result.state}"
+                    )
                 installed.append(cache)
         except ArtifactRejected as exc:
             self._give_up(ac, exc.condition_reason, str(exc))
@@ -201,11 +251,19 @@ class ArtifactAgent:
             return
         self._report(ac, {"role": "target", "state": "Installed", "caches": installed})
         self._settled[uid] = True
-        log.info("installed %s into %s", want[:19], ", ".join(str(self.dirs[c["kind"]]) for c in installed))
+        log.info(
+            "installed %s into %s",
+            want[:19],
+            ", ".join(str(self.dirs[c["kind"]]) for c in installed),
+        )
 
     def _give_up(self, ac: dict[str, Any], reason: str, message: str) -> None:
-        log.warning("giving up on artifact cache %s: %s: %s", ac["metadata"]["name"], reason, message)
-        self._report(ac, {"role": "target", "state": "Failed", "reason": reason, "message": message[:1000]})
+        log.warning(
+            "giving up on artifact cache %s: %s: %s", ac["metadata"]["name"], reason, message
+        )
+        self._report(
+            ac, {"role": "target", "state": "Failed", "reason": reason, "message": message[:1000]}
+        )
         self._settled[ac["metadata"]["uid"]] = True
 
     def _report(self, ac: dict[str, Any], entry: dict[str, Any]) -> None:
@@ -213,12 +271,23 @@ class ArtifactAgent:
         entry = {"pod": self.ident.pod, "endpoint": self.ident.endpoint, **entry}
         if self._written.get(name) == entry:
             return
-        body = {"apiVersion": API_VERSION, "kind": ArtifactCache.KIND,
-                "metadata": {"name": name, "namespace": self.ident.namespace},
-                "status": {"members": [entry]}}
+        body = {
+            "apiVersion": API_VERSION,
+            "kind": ArtifactCache.KIND,
+            "metadata": {"name": name, "namespace": self.ident.namespace},
+            "status": {"members": [entry]},
+        }
         client.CustomObjectsApi(self.api).patch_namespaced_custom_object_status(
-            GROUP, VERSION, self.ident.namespace, ArtifactCache.PLURAL, name, body,
-            field_manager=self.manager, force=True, _content_type=APPLY)
+            GROUP,
+            VERSION,
+            self.ident.namespace,
+            ArtifactCache.PLURAL,
+            name,
+            body,
+            field_manager=self.manager,
+            force=True,
+            _content_type=APPLY,
+        )
         self._written[name] = entry
 
 

@@ -27,8 +27,13 @@ APPLY = "application/apply-patch+yaml"
 LEASE_LABEL = "ferry.dev/agent-lease"
 
 # Agent.state -> ReplicaStatus.state
-STATES = {"Ready": "Ready", "Empty": "Loading", "Declared": "Loading", "Writing": "Loading",
-          "Pulling": "Loading"}
+STATES = {
+    "Ready": "Ready",
+    "Empty": "Loading",
+    "Declared": "Loading",
+    "Writing": "Loading",
+    "Pulling": "Loading",
+}
 
 
 @dataclass(frozen=True)
@@ -44,8 +49,14 @@ def _stamp(t: dt.datetime) -> str:
 
 
 class Reporter:
-    def __init__(self, ident: Identity, info: Callable[[], dict[str, Any]], api: client.ApiClient,
-                 lease_seconds: int = 15, renew_seconds: float = 5.0) -> None:
+    def __init__(
+        self,
+        ident: Identity,
+        info: Callable[[], dict[str, Any]],
+        api: client.ApiClient,
+        lease_seconds: int = 15,
+        renew_seconds: float = 5.0,
+    ) -> None:
         self.ident = ident
         self.info = info
         self.api = api
@@ -84,7 +95,9 @@ class Reporter:
             except client.ApiException as exc:
                 log.warning("could not mark %s Stale: %s", ws, exc.reason)
         try:
-            client.CoordinationV1Api(self.api).delete_namespaced_lease(self.lease_name, self.ident.namespace)
+            client.CoordinationV1Api(self.api).delete_namespaced_lease(
+                self.lease_name, self.ident.namespace
+            )
         except client.ApiException as exc:
             if exc.status != 404:
                 log.warning("could not release lease: %s", exc.reason)
@@ -117,20 +130,34 @@ class Reporter:
     # -- writes ------------------------------------------------------------------
     def _renew(self) -> None:
         body = {
-            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-            "metadata": {"name": self.lease_name, "namespace": self.ident.namespace,
-                         "labels": {LEASE_LABEL: "true"}},
-            "spec": {"holderIdentity": self.ident.pod, "leaseDurationSeconds": self.lease_seconds,
-                     "renewTime": _stamp(dt.datetime.now(dt.UTC))},
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {
+                "name": self.lease_name,
+                "namespace": self.ident.namespace,
+                "labels": {LEASE_LABEL: "true"},
+            },
+            "spec": {
+                "holderIdentity": self.ident.pod,
+                "leaseDurationSeconds": self.lease_seconds,
+                "renewTime": _stamp(dt.datetime.now(dt.UTC)),
+            },
         }
         client.CoordinationV1Api(self.api).patch_namespaced_lease(
-            self.lease_name, self.ident.namespace, body, field_manager=self.manager, force=True,
-            _content_type=APPLY)
+            self.lease_name,
+            self.ident.namespace,
+            body,
+            field_manager=self.manager,
+            force=True,
+            _content_type=APPLY,
+        )
 
     def _entry(self) -> dict[str, Any]:
         info = self.info()
-        entry: dict[str, Any] = {"state": STATES.get(info.get("state", ""), "Loading"),
-                                 "endpoint": self.ident.endpoint}
+        entry: dict[str, Any] = {
+            "state": STATES.get(info.get("state", ""), "Loading"),
+            "endpoint": self.ident.endpoint,
+        }
         if self.ident.node:
             entry["node"] = self.ident.node
         for key in ("version", "fingerprint", "tensors", "bytes", "rank"):
@@ -139,24 +166,41 @@ class Reporter:
         return entry
 
     def _apply_entry(self, ws: str, entry: dict[str, Any]) -> None:
-        body = {"apiVersion": API_VERSION, "kind": WeightSource.KIND,
-                "metadata": {"name": ws, "namespace": self.ident.namespace},
-                "status": {"members": [{"pod": self.ident.pod, **entry}]}}
+        body = {
+            "apiVersion": API_VERSION,
+            "kind": WeightSource.KIND,
+            "metadata": {"name": ws, "namespace": self.ident.namespace},
+            "status": {"members": [{"pod": self.ident.pod, **entry}]},
+        }
         client.CustomObjectsApi(self.api).patch_namespaced_custom_object_status(
-            GROUP, VERSION, self.ident.namespace, WeightSource.PLURAL, ws, body,
-            field_manager=self.manager, force=True, _content_type=APPLY)
+            GROUP,
+            VERSION,
+            self.ident.namespace,
+            WeightSource.PLURAL,
+            ws,
+            body,
+            field_manager=self.manager,
+            force=True,
+            _content_type=APPLY,
+        )
 
     # -- reads -------------------------------------------------------------------
     def _sources(self) -> list[str]:
         """WeightSources in the namespace whose selector matches this pod's labels."""
         core = client.CoreV1Api(self.api)
         try:
-            labels = core.read_namespaced_pod(self.ident.pod, self.ident.namespace).metadata.labels or {}
+            labels = (
+                core.read_namespaced_pod(self.ident.pod, self.ident.namespace).metadata.labels or {}
+            )
         except client.ApiException as exc:
             if exc.status == 404:
                 return []
             raise
         items = client.CustomObjectsApi(self.api).list_namespaced_custom_object(
-            GROUP, VERSION, self.ident.namespace, WeightSource.PLURAL)["items"]
-        return sorted(i["metadata"]["name"] for i in items
-                      if selector_matches(i["spec"].get("selector") or {}, labels))
+            GROUP, VERSION, self.ident.namespace, WeightSource.PLURAL
+        )["items"]
+        return sorted(
+            i["metadata"]["name"]
+            for i in items
+            if selector_matches(i["spec"].get("selector") or {}, labels)
+        )

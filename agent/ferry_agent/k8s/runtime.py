@@ -72,9 +72,16 @@ def prepare(agent: Any) -> ArtifactAgent | None:
     return ArtifactAgent(agent) if enabled() else None
 
 
-def attach(agent: Any, pod: str, namespace: str, node: str | None, endpoint: str,
-           lease_seconds: int = 15, renew_seconds: float = 5.0,
-           artifacts: ArtifactAgent | None = None) -> KubeLink:
+def attach(
+    agent: Any,
+    pod: str,
+    namespace: str,
+    node: str | None,
+    endpoint: str,
+    lease_seconds: int = 15,
+    renew_seconds: float = 5.0,
+    artifacts: ArtifactAgent | None = None,
+) -> KubeLink:
     api = api_client()
     ident = Identity(pod, namespace, node, endpoint)
     reporter = Reporter(ident, lambda: agent_info(agent), api, lease_seconds, renew_seconds).start()
