@@ -151,6 +151,9 @@ class Agent:
         self._standby_reg: Any = None
         self._tracker: Any = None  # PullTracker of the last single-buffer pull (relays)
         self._generation = 0
+        self._plan_cache: tuple[Any, Any, Plan] | None = None
+        self._prep_cache: dict[tuple, tuple] = {}
+        self._version_label: tuple[str, str] | None = None
         self._version = ""
         self._epoch = 0
         self._pulling = False
@@ -365,8 +368,11 @@ class Agent:
             self._epoch += 2 - self._epoch % 2
             self._version = version
             self._write_header()
-            self.metrics.version_info.clear()
-            self.metrics.version_info.labels(version, self.layout.fingerprint).set(1)
+            label = (version, self.layout.fingerprint)
+            if label != self._version_label:  # a refit to the same labels changes no series
+                self.metrics.version_info.clear()
+                self.metrics.version_info.labels(*label).set(1)
+                self._version_label = label
             return self._epoch
 
     def version_info(self) -> dict[str, Any]:
@@ -535,12 +541,23 @@ class Agent:
             log.info("version header of %s not readable over NIXL: %s", src.endpoint, exc)
 
     def _plan(self, srcs: list[_Source], chunk_bytes: int) -> Plan:
-        return build_plan(
+        """The plan for these sources into our layout, reused while neither side's layout
+        nor slabs changed (the manifests' cache keys cover the sources' fingerprint and
+        slab generation; our layout object is compared by identity)."""
+        layout = self.layout
+        key = (tuple((s.endpoint, s.manifest.cache_key) for s in srcs), chunk_bytes)
+        cached = self._plan_cache
+        if cached is not None and cached[0] is layout and cached[1] == key:
+            return cached[2]
+        plan = build_plan(
             [s.manifest.tensors for s in srcs],
-            self.layout.placements,
+            layout.placements,
             chunk_bytes=chunk_bytes,
             source_names=[s.endpoint for s in srcs],
         )
+        self._plan_cache = (layout, key, plan)
+        self._prep_cache.clear()
+        return plan
 
     def _prepare(
         self, srcs: list[_Source], plan: Plan, slabs: list[Any]
@@ -551,23 +568,34 @@ class Agent:
         local_mem = "VRAM" if self.config.memory == "cuda" else "DRAM"
         out = []
         members: dict[tuple[str, int], list[Segment]] = {}
+        local_addrs = tuple((s.index, s.addr, s.nbytes, s.device_id) for s in local_slabs)
         for k, src in enumerate(srcs):
-            segs = plan.for_source(k)
-            if not segs:
-                continue
-            local = descriptor_arrays(
-                [(g.dst_slab, g.dst_offset, g.nbytes) for g in segs], local_slabs
-            )
-            remote = descriptor_arrays(
-                [(g.src_slab, g.src_offset, g.nbytes) for g in segs], list(src.manifest.slabs)
-            )
-            n = len(segs)
-            per = -(-n // MAX_HANDLES_PER_PEER)
-            groups = [list(range(i, min(n, i + per))) for i in range(0, n, per)]
-            for g, idx in enumerate(groups):
-                members[(src.endpoint, g)] = [segs[i] for i in idx]
-            digest = hash((tuple(segs), self._generation, tuple(s.addr for s in local_slabs)))
-            key = (src.manifest.cache_key, self._generation, digest)
+            # Descriptor arrays, groups and digest are pure functions of the plan, the
+            # source's slabs (manifest cache key) and our slab addresses: built once.
+            ck = (id(plan), k, src.endpoint, src.manifest.cache_key, self._generation, local_addrs)
+            hit = self._prep_cache.get(ck)
+            if hit is None or hit[0] is not plan:
+                segs = plan.for_source(k)
+                if not segs:
+                    continue
+                local = descriptor_arrays(
+                    [(g.dst_slab, g.dst_offset, g.nbytes) for g in segs], local_slabs
+                )
+                remote = descriptor_arrays(
+                    [(g.src_slab, g.src_offset, g.nbytes) for g in segs], list(src.manifest.slabs)
+                )
+                n = len(segs)
+                per = -(-n // MAX_HANDLES_PER_PEER)
+                groups = [list(range(i, min(n, i + per))) for i in range(0, n, per)]
+                part = {(src.endpoint, g): [segs[i] for i in idx] for g, idx in enumerate(groups)}
+                digest = hash((tuple(segs), self._generation, local_addrs))
+                key = (src.manifest.cache_key, self._generation, digest)
+                if len(self._prep_cache) >= 16:
+                    self._prep_cache.clear()
+                hit = (plan, local, remote, groups, part, key)
+                self._prep_cache[ck] = hit
+            _, local, remote, groups, part, key = hit
+            members.update(part)
             remote_mem = src.manifest.slabs[0].memory if src.manifest.slabs else "DRAM"
             out.append(
                 self.engine.prepare(
