@@ -27,7 +27,6 @@ def exported_names() -> set[str]:
     AgentMetrics(agent)
     for registry in (REGISTRY, agent):
         for family in registry.collect():
-            names.add(family.name)
             names.update(family.name + s for s in SUFFIXES.get(family.type, ("",)))
     return {n for n in names if n.startswith("ferry_")}
 
