@@ -9,7 +9,6 @@ their crc32c. Every call must carry `authorization: Bearer <token>`.
 from __future__ import annotations
 
 import argparse
-import hmac
 import os
 import re
 import signal
@@ -27,6 +26,7 @@ from ferry_agent.artifacts.archive import ArchiveInfo, open_archive
 from ferry_agent.artifacts.errors import ArtifactRejected
 from ferry_agent.artifacts.identity import Identity
 from ferry_agent.artifacts.pack import pack
+from ferry_agent.auth import AuthInterceptor, TokenFile
 
 SUFFIX = ".ferry"
 # Headroom over the largest chunk (16 MiB, manifest.MAX_CHUNK_SIZE) for framing.
@@ -36,46 +36,6 @@ GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
 _HEX = re.compile(r"^[0-9a-f]{64}$")
-
-
-def read_token(path: str | os.PathLike[str]) -> str:
-    """A bearer token from a file (mounted from a Secret); refuses an empty one."""
-    token = Path(path).read_text().strip()
-    if not token:
-        raise ValueError(f"{path}: token file is empty")
-    return token
-
-
-class BearerTokenInterceptor(grpc.ServerInterceptor):
-    """Refuse every call whose metadata lacks `authorization: Bearer <token>`."""
-
-    def __init__(self, token: str) -> None:
-        if not token:
-            raise ValueError("empty bearer token")
-        self._expected = f"Bearer {token}".encode()
-
-    def _authorized(self, details: grpc.HandlerCallDetails) -> bool:
-        for key, value in details.invocation_metadata or ():
-            if key == "authorization":
-                got = value.encode() if isinstance(value, str) else value
-                return hmac.compare_digest(got, self._expected)
-        return False
-
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if handler is None or self._authorized(handler_call_details):
-            return handler
-
-        def deny(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
-
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(
-                deny, handler.request_deserializer, handler.response_serializer
-            )
-        return grpc.unary_unary_rpc_method_handler(
-            deny, handler.request_deserializer, handler.response_serializer
-        )
 
 
 class ArtifactStore:
@@ -169,10 +129,15 @@ def serve(
     address: str = "127.0.0.1:0",
     max_workers: int = 8,
 ) -> tuple[grpc.Server, int]:
-    """Start an ArtifactService on `address`; returns (server, bound port)."""
+    """Start an ArtifactService on `address`; returns (server, bound port).
+
+    Standalone only: inside the agent, the servicer joins the agent's server,
+    which already carries its `AuthInterceptor`."""
+    if not token:
+        raise ValueError("empty bearer token")
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
-        interceptors=[BearerTokenInterceptor(token)],
+        interceptors=[AuthInterceptor(lambda: token)],
         options=GRPC_OPTIONS,
     )
     pb_grpc.add_ArtifactServiceServicer_to_server(ArtifactServicer(store), server)
@@ -191,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token-file", required=True)
     parser.add_argument("--address", default="127.0.0.1:0")
     args = parser.parse_args(argv)
-    server, port = serve(ArtifactStore(args.store), read_token(args.token_file), args.address)
+    server, port = serve(ArtifactStore(args.store), TokenFile(args.token_file).get(), args.address)
     print(f"listening {port}", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -21,8 +21,8 @@ from ferry_agent.artifacts.service import (
     GRPC_OPTIONS,
     ArtifactServicer,
     ArtifactStore,
-    BearerTokenInterceptor,
 )
+from ferry_agent.auth import AuthInterceptor
 
 
 class Tamper(ArtifactServicer):
@@ -60,7 +60,7 @@ def main() -> None:
     args = p.parse_args()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=4),
-        interceptors=[BearerTokenInterceptor(args.token)],
+        interceptors=[AuthInterceptor(lambda: args.token)],
         options=GRPC_OPTIONS,
     )
     pb_grpc.add_ArtifactServiceServicer_to_server(
