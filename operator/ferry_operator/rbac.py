@@ -8,9 +8,7 @@ resource a kopf handler in main.py watches, must be covered here.
 `via` says what needs the permission:
 - "code": a client call in operator/ or agent/ (the test finds it);
 - "kopf": the framework itself (watch streams, annotation patches, events,
-  peering, the managed webhook configuration);
-- "design": the agent's status reporting of DESIGN.md ("Report"), granted so
-  the agent RBAC is ready; no client call makes it yet.
+  peering, the managed webhook configuration).
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ class Permission:
     resource: str
     verbs: tuple[str, ...]
     reason: str
-    via: str = "code"
+    via: str = "code"  # or "kopf"
     resource_names: tuple[str, ...] = ()
     when: str = ""  # a chart condition: "peering" or "webhook"; empty: always
 

@@ -201,5 +201,5 @@ def test_no_stale_code_grants() -> None:
 
 def test_every_permission_says_why() -> None:
     for p in (*rbac.OPERATOR, *rbac.AGENT):
-        assert p.via in ("code", "kopf", "design")
+        assert p.via in ("code", "kopf")
         assert len(p.reason) > 15, p
