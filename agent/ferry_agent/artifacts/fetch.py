@@ -29,6 +29,7 @@ from ferry_agent.artifacts.lock import OnceResult, install_once
 from ferry_agent.artifacts.manifest import Manifest, parse_manifest
 from ferry_agent.artifacts.service import GRPC_OPTIONS
 from ferry_agent.artifacts.trust import verifier
+from ferry_agent.auth import call_metadata
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,6 @@ def _identity_hash(identity: Identity | str) -> str:
     return identity.hash if isinstance(identity, Identity) else identity
 
 
-def _metadata(token: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {token}"),)
-
-
 def _rpc_error(exc: grpc.RpcError) -> FetchFailed:
     code = exc.code().name if exc.code() else "UNKNOWN"
     return FetchFailed(code, exc.details() or "")
@@ -77,7 +74,9 @@ def get_manifest(
     want = _identity_hash(identity)
     try:
         resp = stub.GetManifest(
-            pb.GetManifestRequest(identity_hash=want), metadata=_metadata(token), timeout=timeout
+            pb.GetManifestRequest(identity_hash=want),
+            metadata=call_metadata(token),
+            timeout=timeout,
         )
     except grpc.RpcError as exc:
         raise _rpc_error(exc) from None
@@ -118,7 +117,7 @@ def fetch_payload(
         with open(part, "wb") as f:
             stream = stub.FetchChunks(
                 pb.FetchChunksRequest(manifest_id=m.id, offset=0),
-                metadata=_metadata(token),
+                metadata=call_metadata(token),
                 timeout=timeout,
             )
             try:
