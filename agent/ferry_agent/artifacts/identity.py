@@ -36,16 +36,7 @@ FIELDS: tuple[str, ...] = (
 )
 
 REQUIRED: dict[str, tuple[str, ...]] = {
-    "torch-compile": (
-        "model",
-        "framework",
-        "framework_version",
-        "torch",
-        "cuda",
-        "triton",
-        "gpu_arch",
-        "compile_config_digest",
-    ),
+    "torch-compile": FIELDS,
     "triton": ("triton", "cuda", "gpu_arch"),
     "deepgemm": ("cuda", "gpu_arch"),
 }
