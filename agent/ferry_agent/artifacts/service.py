@@ -74,7 +74,7 @@ class ArtifactStore:
         result = pack(src, tmp, identity=identity, key=key, **kw)
         final = self.root / f"{result.manifest_id}{SUFFIX}"
         os.replace(tmp, final)
-        info = open_archive(final)
+        info = ArchiveInfo(final, result.manifest, result.signature, final.stat().st_size)
         with self._lock:
             self._by_id[info.manifest_id] = info
             self._by_identity[identity.hash] = info.manifest_id
