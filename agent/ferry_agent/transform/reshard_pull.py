@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..agent import MAX_HANDLES_PER_PEER
 from ..errors import SourceStale, VersionChanged
 from ..manifest import Manifest, descriptor_arrays
 from ..peer import AgentClient
@@ -244,7 +245,7 @@ class ReshardPuller:
                 [(s.src_slab, s.src_offset, s.nbytes) for s in segs], list(man.slabs)
             )
             n = len(segs)
-            per = -(-n // 256)
+            per = -(-n // MAX_HANDLES_PER_PEER)
             groups = [list(range(i, min(n, i + per))) for i in range(0, n, per)]
             remote_mem = man.slabs[0].memory if man.slabs else "DRAM"
             out.append(
