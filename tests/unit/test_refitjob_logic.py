@@ -26,7 +26,7 @@ def source(*pods: str, version: str = "5") -> dict:
 def world(src: dict | None, targets: list[str], now: datetime = T0, live: set[str] | None = None) -> World:
     pods = {t: None for t in targets}
     members = {m["pod"] for m in ((src or {}).get("status") or {}).get("members", [])}
-    return World(src, pods, members | set(targets) if live is None else live, now, T0)
+    return World(src, pods, members | set(targets) if live is None else live, now)
 
 
 def cond(st: dict, t: str) -> dict:
@@ -137,7 +137,7 @@ def test_tree_relays_through_finished_targets() -> None:
 def test_target_whose_agent_lease_expired_is_retried_then_failed() -> None:
     status = {"phase": "Running", "version": "5", "startTime": "2026-01-01T00:00:00Z",
               "targets": [{"pod": "t0", "source": "s0", "attempts": 1, "observedAttempt": 1, "phase": "Pulling"}]}
-    w = World(source("s0"), {"t0": None}, {"s0"}, T0, T0, expired={"t0"})
+    w = World(source("s0"), {"t0": None}, {"s0"}, T0, expired={"t0"})
     d = compute_status(spec(), status, 1, w)
     assert d.assigned == {"t0": ("s0",)} and d.status["targets"][0]["attempts"] == 2
     status["targets"][0].update(attempts=4, observedAttempt=4)
@@ -148,7 +148,7 @@ def test_target_whose_agent_lease_expired_is_retried_then_failed() -> None:
 def test_agent_not_started_yet_is_waited_for() -> None:
     status = {"phase": "Running", "version": "5", "startTime": "2026-01-01T00:00:00Z",
               "targets": [{"pod": "t0", "source": "s0", "attempts": 1}]}
-    w = World(source("s0"), {"t0": None}, {"s0"}, T0, T0)  # no lease at all for t0
+    w = World(source("s0"), {"t0": None}, {"s0"}, T0)  # no lease at all for t0
     assert compute_status(spec(), status, 1, w).assigned == {}
 
 

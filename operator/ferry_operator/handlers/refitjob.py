@@ -24,13 +24,12 @@ TERMINAL = ("Succeeded", "Failed")
 @dataclass(frozen=True)
 class World:
     """What one reconcile read: the source object, the target pods (name -> node),
-    the pods whose agent Lease is fresh, and the clock."""
+    the pods whose agent Lease is fresh (or expired), and the clock."""
 
     source: dict[str, Any] | None
     targets: dict[str, str | None]
     live: set[str]
     now: datetime
-    created: datetime
     expired: set[str] = field(default_factory=set)  # pods whose agent Lease expired
 
 

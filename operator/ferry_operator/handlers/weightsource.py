@@ -21,6 +21,16 @@ def effective_members(members: list[dict[str, Any]], live: set[str] | None) -> l
             for m in members]
 
 
+def selected_members(status: dict[str, Any], pods: list[str], live: set[str] | None) -> list[dict[str, Any]]:
+    """The entries of the selected pods, with Stale applied (see effective_members)."""
+    selected = set(pods)
+    return effective_members([m for m in status.get("members") or [] if m.get("pod") in selected], live)
+
+
+def stale_pods(members: list[dict[str, Any]]) -> list[str]:
+    return [m["pod"] for m in members if m.get("state") == "Stale"]
+
+
 def compute_status(
     spec: WeightSourceSpec, status: dict[str, Any], generation: int, pods: list[str], now: datetime,
     live: set[str] | None = None,
@@ -32,15 +42,14 @@ def compute_status(
     (`live`: pods with a fresh Lease) expired, or to Mismatched when its layout
     differs from the others; once the agent is fresh again its own apply wins.
     """
-    selected = set(pods)
-    raw = [m for m in status.get("members") or [] if m.get("pod") in selected]
+    raw = selected_members(status, pods, None)
     members = effective_members(raw, live)
     ready = [m for m in members if m.get("state") == "Ready"]
     fingerprints = Counter(m.get("fingerprint") for m in ready if m.get("fingerprint"))
     majority_fp = fingerprints.most_common(1)[0][0] if fingerprints else None
     consistent = [m for m in ready if m.get("fingerprint") == majority_fp]
     versions = Counter(m.get("version") for m in consistent if m.get("version"))
-    stale = [m["pod"] for m in members if m.get("state") == "Stale"]
+    stale = stale_pods(members)
     mismatched = sorted(
         {m["pod"] for m in members if m.get("state") == "Mismatched"}
         | {m["pod"] for m in ready if m.get("fingerprint") != majority_fp}
