@@ -21,6 +21,8 @@ from aiohttp import web
 from kubernetes import client
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ferry_api import ssa
+
 from . import kube, metrics
 
 log = logging.getLogger(__name__)
@@ -109,7 +111,7 @@ def renew_canary(name: str, namespace: str) -> None:
                  "leaseDurationSeconds": 60},
     }
     coord.patch_namespaced_lease(name, namespace, body, field_manager="ferry-operator",
-                                 force=True, _content_type=kube.APPLY)
+                                 force=True, _content_type=ssa.APPLY)
 
 
 async def keep_canary(health: WatchHealth, stopped: asyncio.Event) -> None:

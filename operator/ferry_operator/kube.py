@@ -8,10 +8,9 @@ from typing import Any
 
 from kubernetes import client, config
 
-from ferry_api import API_VERSION, GROUP, VERSION
+from ferry_api import GROUP, VERSION, ssa
 
 OPERATOR_MANAGER = "ferry-operator"
-APPLY = "application/apply-patch+yaml"
 
 
 @cache
@@ -31,15 +30,10 @@ def core() -> client.CoreV1Api:
     return client.CoreV1Api(api())
 
 
-def apply_status(kind: str, plural: str, namespace: str, name: str, status: dict[str, Any],
+def apply_status(model: Any, namespace: str, name: str, status: dict[str, Any],
                  manager: str = OPERATOR_MANAGER) -> dict:
     """Server-side apply of the fields this manager owns in .status."""
-    body = {"apiVersion": API_VERSION, "kind": kind,
-            "metadata": {"name": name, "namespace": namespace}, "status": status}
-    return custom().patch_namespaced_custom_object_status(
-        GROUP, VERSION, namespace, plural, name, body,
-        field_manager=manager, force=True, _content_type=APPLY,
-    )
+    return ssa.apply_status(api(), model, namespace, name, status, manager)
 
 
 def get_object(plural: str, namespace: str, name: str) -> dict | None:

@@ -14,9 +14,9 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from ferry_api.artifactcache import ArtifactCacheSpec
+from ferry_api.artifactcache import ArtifactCache, ArtifactCacheSpec
 from ferry_api.meta import now
-from ferry_api.refitjob import RefitJobSpec
+from ferry_api.refitjob import RefitJob, RefitJobSpec
 from ferry_api.weightsource import WeightSource, WeightSourceSpec
 
 from . import kube, metrics
@@ -24,9 +24,14 @@ from .conditions import Cond, set_conditions, transitions
 from .handlers import artifactcache, refitjob, weightsource
 
 
+def _pods(namespace: str, selector: str) -> dict[str, str | None]:
+    """Selected pods that are not being deleted: name -> node."""
+    return {p.metadata.name: p.spec.node_name for p in kube.list_pods(namespace, selector)
+            if p.metadata.deletion_timestamp is None}
+
+
 def _pod_names(namespace: str, selector: str) -> list[str]:
-    return sorted(p.metadata.name for p in kube.list_pods(namespace, selector)
-                  if p.metadata.deletion_timestamp is None)
+    return sorted(_pods(namespace, selector))
 
 
 def _invalid(status: dict, generation: int, error: ValidationError, types: list[str]) -> dict:
@@ -38,8 +43,9 @@ def _invalid(status: dict, generation: int, error: ValidationError, types: list[
             "conditions": set_conditions(status.get("conditions"), wanted, generation, now())}
 
 
-def _run(kind: str, plural: str, body: kopf.Body, logger: logging.Logger,
+def _run(model: Any, body: kopf.Body, logger: logging.Logger,
          compute: Callable[[Any, dict, int], dict], spec_model: type, cond_types: list[str]) -> None:
+    kind = model.KIND
     meta, status = body["metadata"], dict(body.get("status") or {})
     generation = meta.get("generation", 0)
     with metrics.reconcile_timer(kind) as outcome:
@@ -50,7 +56,7 @@ def _run(kind: str, plural: str, body: kopf.Body, logger: logging.Logger,
             # The CRD schema rejects most bad input; this catches what slipped past it.
             outcome["result"] = "invalid"
             new = _invalid(status, generation, exc, cond_types)
-        kube.apply_status(kind, plural, meta["namespace"], meta["name"], new)
+        kube.apply_status(model, meta["namespace"], meta["name"], new)
     for cond in transitions(status.get("conditions"), new["conditions"]):
         metrics.CONDITION_TRANSITIONS.labels(kind, cond["type"], cond["status"]).inc()
         if cond["reason"] == "AsExpected" and not status.get("conditions"):
@@ -64,20 +70,16 @@ def _run(kind: str, plural: str, body: kopf.Body, logger: logging.Logger,
 
 def weightsource_(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
     ns = body["metadata"]["namespace"]
-    computed: dict[str, Any] = {}
+    stale: list[str] = []
 
     def compute(spec: WeightSourceSpec, status: dict, generation: int) -> dict:
         pods = _pod_names(ns, spec.selector.to_label_selector())
         live = kube.live_agents(ns, now())
-        out = weightsource.compute_status(spec, status, generation, pods, now(), live)
-        members = weightsource.effective_members(
-            [m for m in status.get("members") or [] if m.get("pod") in set(pods)], live)
-        computed["stale"] = [m["pod"] for m in members if m.get("state") == "Stale"]
-        return out
+        stale.extend(weightsource.stale_pods(weightsource.selected_members(status, pods, live)))
+        return weightsource.compute_status(spec, status, generation, pods, now(), live)
 
-    _run(WeightSource.KIND, WeightSource.PLURAL, body, logger, compute, WeightSourceSpec,
+    _run(WeightSource, body, logger, compute, WeightSourceSpec,
          ["Ready", "Degraded"])
-    stale = set(computed.get("stale") or [])
     metrics.STALE_REPLICAS.labels(ns, body["metadata"]["name"]).set(len(stale))
 
 
@@ -90,21 +92,18 @@ def refitjob_(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
     decision: dict[str, refitjob.Decision] = {}
 
     def compute(spec: RefitJobSpec, status: dict, generation: int) -> dict:
-        pods = kube.list_pods(ns, spec.targets.to_label_selector())
         live, expired = kube.agent_leases(ns, now())
         world = refitjob.World(
             source=kube.get_object(WeightSource.PLURAL, ns, spec.source_ref.name),
-            targets={p.metadata.name: p.spec.node_name for p in pods
-                     if p.metadata.deletion_timestamp is None},
+            targets=_pods(ns, spec.targets.to_label_selector()),
             live=live,
             now=now(),
             expired=expired,
-            created=refitjob.parse_time(meta["creationTimestamp"]) or now(),
         )
         decision["d"] = refitjob.compute_status(spec, status, generation, world)
         return decision["d"].status
 
-    _run(refitjob.KIND, refitjob.PLURAL, body, logger, compute, RefitJobSpec,
+    _run(RefitJob, body, logger, compute, RefitJobSpec,
          ["Progressing", "Complete", "Failed"])
     d = decision.get("d")
     if d is None:
@@ -136,6 +135,7 @@ def refitjob_deleted(body: kopf.Body, logger: logging.Logger, runtime: Any, **_:
     status = body.get("status") or {}
     if status.get("phase") in refitjob.TERMINAL:
         return
+    # An unlimited backoff: here only "is an attempt in hand" matters, not retries.
     pulling = [e["pod"] for e in status.get("targets") or []
                if refitjob.target_phase(e, 1 << 30) in ("Assigned", "Pulling")]
     if pulling and runtime.total_seconds() < 30:
@@ -154,5 +154,5 @@ def artifactcache_(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
         live = kube.live_agents(ns, now())
         return artifactcache.compute_status(spec, status, generation, sources, targets, now(), live)
 
-    _run(artifactcache.KIND, artifactcache.PLURAL, body, logger, compute, ArtifactCacheSpec,
+    _run(ArtifactCache, body, logger, compute, ArtifactCacheSpec,
          ["Ready", "Degraded"])

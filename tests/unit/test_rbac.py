@@ -63,10 +63,15 @@ PLURALS = {
     "refitjob": "refitjobs",
     "artifactcache": "artifactcaches",
 }
+# ferry_api.ssa.apply_status (and the operator's kube.apply_status) patch the
+# status of the model class they are given.
+APPLY_STATUS = re.compile(r"\b(?:ssa|kube)\.apply_status\(")
+MODEL = re.compile(r"\b(WeightSource|RefitJob|ArtifactCache)\b")
 
 
 def named_kinds(call: str) -> list[str]:
-    return [PLURALS[n.lower()] for n in re.findall(r"(\w+)\.PLURAL", call) if n.lower() in PLURALS]
+    named = re.findall(r"(\w+)\.PLURAL", call) or MODEL.findall(call)
+    return [PLURALS[n.lower()] for n in named if n.lower() in PLURALS]
 
 
 def kinds_in(call: str, before: str, root: Path) -> list[str]:
@@ -74,7 +79,7 @@ def kinds_in(call: str, before: str, root: Path) -> list[str]:
     level up: the kinds the enclosing function's callers pass; else all kinds."""
     if named := named_kinds(call):
         return named[:1]
-    if not re.search(r"\bplural\b", call):
+    if not re.search(r"\b(plural|model)\b", call):
         return []
     fn = re.findall(r"def (\w+)\(", before)[-1]
     sites = [
@@ -121,6 +126,13 @@ def scan(root: Path) -> dict[tuple[str, str, str], list[str]]:
             for r in resources:
                 for v in verbs:
                     found.setdefault((group, r, v), []).append(where)
+        for m in APPLY_STATUS.finditer(text):
+            call = text[m.end() : m.end() + 400]
+            where = f"{path.relative_to(REPO)}:{text.count(chr(10), 0, m.start()) + 1}"
+            kinds = kinds_in(call.split("\n\n")[0], text[: m.start()], root)
+            assert kinds, f"{where}: cannot tell which kind {m.group(0)} touches"
+            for k in kinds:
+                found.setdefault((rbac.FERRY, f"{k}/status", "patch"), []).append(where)
     return found
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from kubernetes import client
 
-from ferry_api import API_VERSION, GROUP, VERSION
+from ferry_api import GROUP, VERSION, ssa
 from ferry_api.artifactcache import ArtifactCache, ArtifactCacheSpec, combined_manifest_id
 from ferry_api.meta import selector_matches
 
@@ -30,7 +30,6 @@ from ..artifacts.fetch import fetch_and_install
 from ..artifacts.identity import Identity
 from ..artifacts.service import ArtifactServicer, ArtifactStore
 from ..artifacts.trust import load_private_key, load_public_key
-from .reporter import APPLY
 from .reporter import Identity as PodIdentity
 
 log = logging.getLogger(__name__)
@@ -82,7 +81,7 @@ class ArtifactAgent:
     # -- lifecycle ---------------------------------------------------------------
     def bind(self, ident: PodIdentity, api: client.ApiClient) -> ArtifactAgent:
         self.ident, self.api = ident, api
-        self.manager = f"ferry-agent/{ident.pod}"[:128]
+        self.manager = ssa.agent_manager(ident.pod)
         return self
 
     def start(self) -> ArtifactAgent:
@@ -271,23 +270,8 @@ class ArtifactAgent:
         entry = {"pod": self.ident.pod, "endpoint": self.ident.endpoint, **entry}
         if self._written.get(name) == entry:
             return
-        body = {
-            "apiVersion": API_VERSION,
-            "kind": ArtifactCache.KIND,
-            "metadata": {"name": name, "namespace": self.ident.namespace},
-            "status": {"members": [entry]},
-        }
-        client.CustomObjectsApi(self.api).patch_namespaced_custom_object_status(
-            GROUP,
-            VERSION,
-            self.ident.namespace,
-            ArtifactCache.PLURAL,
-            name,
-            body,
-            field_manager=self.manager,
-            force=True,
-            _content_type=APPLY,
-        )
+        ssa.apply_status(self.api, ArtifactCache, self.ident.namespace, name,
+                         {"members": [entry]}, self.manager)
         self._written[name] = entry
 
 

@@ -19,12 +19,12 @@ from typing import Any, cast
 
 from kubernetes import client
 
-from ferry_api import API_VERSION, GROUP, VERSION
+from ferry_api import GROUP, VERSION, ssa
 from ferry_api.refitjob import RefitJob
 from ferry_api.weightsource import WeightSource
 
 from ..errors import Cancelled, FerryError
-from .reporter import APPLY, Identity
+from .reporter import Identity
 
 log = logging.getLogger(__name__)
 TERMINAL = ("Succeeded", "Failed")
@@ -59,7 +59,7 @@ class JobRunner:
         self.poll_s = poll_s
         self.progress_interval_s = progress_interval_s
         self.on_done = on_done
-        self.manager = f"ferry-agent/{ident.pod}"[:128]
+        self.manager = ssa.agent_manager(ident.pod)
         # An operator's cap on pull bandwidth (e.g. to spare a NIC that also serves traffic).
         cap = os.environ.get("FERRY_PULL_MAX_GBPS")
         self.max_gbps = float(cap) if cap else None
@@ -256,23 +256,8 @@ class JobRunner:
             time.sleep(min(self.poll_s, 0.2))  # an upstream target that has not started
 
     def _write(self, job: str, fields: dict[str, Any]) -> None:
-        body = {
-            "apiVersion": API_VERSION,
-            "kind": RefitJob.KIND,
-            "metadata": {"name": job, "namespace": self.ident.namespace},
-            "status": {"targets": [{"pod": self.ident.pod, **fields}]},
-        }
-        client.CustomObjectsApi(self.api).patch_namespaced_custom_object_status(
-            GROUP,
-            VERSION,
-            self.ident.namespace,
-            RefitJob.PLURAL,
-            job,
-            body,
-            field_manager=self.manager,
-            force=True,
-            _content_type=APPLY,
-        )
+        ssa.apply_status(self.api, RefitJob, self.ident.namespace, job,
+                         {"targets": [{"pod": self.ident.pod, **fields}]}, self.manager)
 
 
 class _ProgressWriter:

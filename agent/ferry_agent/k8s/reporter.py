@@ -18,12 +18,11 @@ from typing import Any
 
 from kubernetes import client
 
-from ferry_api import API_VERSION, GROUP, VERSION
+from ferry_api import GROUP, VERSION, ssa
 from ferry_api.meta import selector_matches
 from ferry_api.weightsource import WeightSource
 
 log = logging.getLogger(__name__)
-APPLY = "application/apply-patch+yaml"
 LEASE_LABEL = "ferry.dev/agent-lease"
 
 # Agent.state -> ReplicaStatus.state
@@ -62,7 +61,7 @@ class Reporter:
         self.api = api
         self.lease_seconds = lease_seconds
         self.renew_seconds = renew_seconds
-        self.manager = f"ferry-agent/{ident.pod}"[:128]
+        self.manager = ssa.agent_manager(ident.pod)
         self.lease_name = f"ferry-agent-{ident.pod}"[:253]
         self._lock = threading.Lock()  # serializes writes against shutdown
         self._closing = False
@@ -149,7 +148,7 @@ class Reporter:
             body,
             field_manager=self.manager,
             force=True,
-            _content_type=APPLY,
+            _content_type=ssa.APPLY,
         )
 
     def _entry(self) -> dict[str, Any]:
@@ -166,23 +165,8 @@ class Reporter:
         return entry
 
     def _apply_entry(self, ws: str, entry: dict[str, Any]) -> None:
-        body = {
-            "apiVersion": API_VERSION,
-            "kind": WeightSource.KIND,
-            "metadata": {"name": ws, "namespace": self.ident.namespace},
-            "status": {"members": [{"pod": self.ident.pod, **entry}]},
-        }
-        client.CustomObjectsApi(self.api).patch_namespaced_custom_object_status(
-            GROUP,
-            VERSION,
-            self.ident.namespace,
-            WeightSource.PLURAL,
-            ws,
-            body,
-            field_manager=self.manager,
-            force=True,
-            _content_type=APPLY,
-        )
+        ssa.apply_status(self.api, WeightSource, self.ident.namespace, ws,
+                         {"members": [{"pod": self.ident.pod, **entry}]}, self.manager)
 
     # -- reads -------------------------------------------------------------------
     def _sources(self) -> list[str]:
