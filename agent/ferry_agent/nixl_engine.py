@@ -392,32 +392,33 @@ class NixlEngine:
         if entry is None:
             return
         _, lane, ldl, rdl, h = entry
-        try:
-            with self._lane_locks[lane]:
-                self._agents[lane].release_xfer_handle(h)
-        except Exception:
-            self._leaked.append((lane, h))
+        self._release_xfer(lane, h)
         for dl in (ldl, rdl):
-            try:
-                with self._lane_locks[lane]:
-                    self._agents[lane].release_dlist_handle(dl)
-            except Exception as exc:
-                log.debug("release_dlist_handle: %s", exc)
+            self._release_dlist(lane, dl)
 
     def _release_entry(self, entry: Prepared) -> None:
         for lane, h in entry.handles:
-            try:
-                with self._lane_locks[lane]:
-                    self._agents[lane].release_xfer_handle(h)
-            except Exception:  # in flight after an abort: retried at close()
-                self._leaked.append((lane, h))
+            self._release_xfer(lane, h)
         for lane, dl in entry.dlists:
-            try:
-                with self._lane_locks[lane]:
-                    self._agents[lane].release_dlist_handle(dl)
-            except Exception as exc:
-                log.debug("release_dlist_handle: %s", exc)
+            self._release_dlist(lane, dl)
         entry.handles = []
+
+    def _release_xfer(self, lane: int, h: Any) -> None:
+        """Release a transfer handle; one still in flight after an abort is kept in
+        _leaked and retried at close()."""
+        try:
+            with self._lane_locks[lane]:
+                self._agents[lane].release_xfer_handle(h)
+        except Exception as exc:
+            log.debug("release_xfer_handle: %s", exc)
+            self._leaked.append((lane, h))
+
+    def _release_dlist(self, lane: int, dl: Any) -> None:
+        try:
+            with self._lane_locks[lane]:
+                self._agents[lane].release_dlist_handle(dl)
+        except Exception as exc:
+            log.debug("release_dlist_handle: %s", exc)
 
     def drop(self, peer: str) -> None:
         """Forget everything about a peer: handles, lists, remote agents."""
@@ -593,10 +594,7 @@ class NixlEngine:
                 set(self._prepared) | set(self._headers) | {p for p, _ in self._remotes}
             ):
                 self.drop(peer)
-            for lane, h in self._leaked:
-                try:
-                    with self._lane_locks[lane]:
-                        self._agents[lane].release_xfer_handle(h)
-                except Exception as exc:
-                    log.debug("leaked handle: %s", exc)
-            self._leaked.clear()
+            leaked, self._leaked = self._leaked, []
+            for lane, h in leaked:
+                self._release_xfer(lane, h)
+            self._leaked.clear()  # a handle still refusing release now is abandoned
