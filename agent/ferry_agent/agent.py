@@ -271,26 +271,22 @@ class Agent:
         self.engine.close()
         self._free_slabs()
         if self._header_reg is not None:
-            self.engine.deregister(self._header_reg, 2)
+            self._release(self._header_reg, [self._header, self._landing])
             self._header_reg = None
-            self._header.close()
-            self._landing.close()
 
     def _free_slabs(self) -> None:
         with self._lock:
-            if self._reg is not None:
-                self.engine.deregister(self._reg, len(self._slabs))
-                self._reg = None
-            for s in self._slabs:
-                s.close()
-            self._slabs = []
-            if self._standby_reg is not None:
-                self.engine.deregister(self._standby_reg, len(self._standby))
-                self._standby_reg = None
-            for s in self._standby:
-                s.close()
-            self._standby = []
+            self._release(self._reg, self._slabs)
+            self._reg, self._slabs = None, []
+            self._release(self._standby_reg, self._standby)
+            self._standby_reg, self._standby = None, []
             self._tracker = None
+
+    def _release(self, reg: Any, slabs: list[Any]) -> None:
+        if reg is not None:
+            self.engine.deregister(reg, len(slabs))
+        for s in slabs:
+            s.close()
 
     def _allocate(self, layout: Layout) -> tuple[list[Any], Any, float, float]:
         """Slabs, their registration, and how long allocating and registering took."""
