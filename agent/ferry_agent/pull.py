@@ -88,13 +88,8 @@ class Watch:
 def _stable_sources(agent: Agent, endpoints: list[str], opts: PullOptions) -> list[_Source]:
     while True:
         opts.check_cancel()
-        try:
-            srcs = [
-                agent._source_cached(ep) or agent._source(ep, agent._peer(ep)) for ep in endpoints
-            ]
-        except PeerUnavailable as exc:
-            agent._peers.pop(str(exc.fields.get("endpoint", "")), None)
-            raise
+        # PeerUnavailable: run_pull forgets the peer
+        srcs = [agent._source_cached(ep) or agent._source(ep, agent._peer(ep)) for ep in endpoints]
         writing = [s.endpoint for s in srcs if s.epoch % 2]
         if not writing:
             return srcs
