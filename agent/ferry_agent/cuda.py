@@ -126,7 +126,7 @@ class CudaSlab:
     @classmethod
     def create(cls, index: int, nbytes: int, *, device: int = 0) -> CudaSlab:
         lib = cudart()
-        _check(lib.cudaSetDevice(device), f"cudaSetDevice({device})")
+        set_device(device)
         ptr = ctypes.c_void_p()
         _check(lib.cudaMalloc(ctypes.byref(ptr), ctypes.c_size_t(nbytes)), f"cudaMalloc({nbytes})")
         _check(lib.cudaMemset(ptr, 0, ctypes.c_size_t(nbytes)), "cudaMemset")
@@ -140,7 +140,7 @@ class CudaSlab:
         if len(raw) != IPC_HANDLE_BYTES:
             raise ValueError(f"CUDA IPC handle must be {IPC_HANDLE_BYTES} bytes, got {len(raw)}")
         lib = cudart()
-        _check(lib.cudaSetDevice(device), f"cudaSetDevice({device})")
+        set_device(device)
         handle = IpcMemHandle.from_buffer_copy(raw)
         ptr = ctypes.c_void_p()
         _check(
