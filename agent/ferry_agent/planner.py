@@ -238,8 +238,7 @@ def build_plan(
     key = (tuple(sources), target, chunk_bytes, names, max_gap)
     for k, plan in _PLAN_CACHE:
         if (
-            k[0] is not None
-            and len(k[0]) == len(key[0])
+            len(k[0]) == len(key[0])
             and all(a is b for a, b in zip(k[0], key[0], strict=True))
             and k[1] is key[1]
             and k[2:] == key[2:]
