@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
-from ferry_operator.dev.controlplane import REPO_ROOT, ControlPlane, free_port
+from ferry_operator.dev.controlplane import ControlPlane, free_port
+from ferry_operator.dev.operatorproc import OperatorProcess, start_operator
 
 
 @pytest.fixture(scope="session")
@@ -65,57 +63,6 @@ def kubectl(kubeconfig: Path, *args: str, input: str | None = None,
                           capture_output=True, check=check, timeout=60)
 
 
-@dataclass
-class OperatorProcess:
-    proc: subprocess.Popen
-    health_url: str
-    log: Path
-
-    def healthz(self) -> int:
-        try:
-            with urllib.request.urlopen(f"{self.health_url}/healthz", timeout=3) as r:
-                return r.status
-        except urllib.error.HTTPError as e:
-            return e.code
-        except OSError:
-            return 0
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"{self.health_url}/metrics", timeout=3) as r:
-            return r.read().decode()
-
-
-def start_operator(kubeconfig: Path, log: Path, *extra: str) -> OperatorProcess:
-    port = free_port()
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"}
-    out = open(log, "ab")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ferry_operator", "run", "--all-namespaces",
-         "--health-port", str(port), *extra],
-        env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-    )
-    op = OperatorProcess(proc, f"http://127.0.0.1:{port}", log)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"operator exited {proc.returncode}:\n{log.read_text()[-4000:]}")
-        if op.healthz() == 200:
-            return op
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError(f"operator not healthy in 60s:\n{log.read_text()[-4000:]}")
-
-
-def stop_operator(op: OperatorProcess) -> None:
-    if op.proc.poll() is None:
-        op.proc.terminate()
-        try:
-            op.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            op.proc.kill()
-            op.proc.wait()
-
-
 @pytest.fixture(scope="session")
 def operator(kubeconfig: Path, api_client: k8s_client.ApiClient,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
@@ -132,4 +79,4 @@ def operator(kubeconfig: Path, api_client: k8s_client.ApiClient,
             time.sleep(0.3)
         yield op
     finally:
-        stop_operator(op)
+        op.stop()

@@ -15,11 +15,11 @@ from . import health, injection, metrics, reconcile
 from .handlers.refitjob import TERMINAL
 
 RESYNC_SECONDS = float(os.environ.get("FERRY_RESYNC_SECONDS", "30"))
-# WeightSources are re-checked faster: an agent whose Lease expired must show
-# Stale within one lease duration (15 s by default, 3 s at least).
 # Running RefitJobs are re-checked every second: agents report into status and
 # wait for the next assignment.
 JOB_CHECK_SECONDS = float(os.environ.get("FERRY_JOB_CHECK_SECONDS", "1"))
+# WeightSources are re-checked faster than the resync: an agent whose Lease
+# expired must show Stale within one lease duration (15 s by default, 3 s at least).
 LEASE_CHECK_SECONDS = min(RESYNC_SECONDS, float(os.environ.get("FERRY_LEASE_CHECK_SECONDS", "2")))
 HEALTH_PORT = int(os.environ.get("FERRY_HEALTH_PORT", "8080"))
 CANARY_SECONDS = float(os.environ.get("FERRY_CANARY_SECONDS", "10"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kubernetes import client as k8s_client
 
-from tests.conftest import OperatorProcess
+from ferry_operator.dev.operatorproc import OperatorProcess
 
 
 def pod(name: str, labels: dict[str, str]) -> dict:

@@ -13,7 +13,7 @@ from kubernetes import client as k8s_client
 
 from ferry_agent.k8s.reporter import Identity, Reporter
 from ferry_operator.dev.controlplane import ControlPlane
-from tests.conftest import OperatorProcess, start_operator, stop_operator
+from ferry_operator.dev.operatorproc import OperatorProcess, start_operator
 from tests.kube_helpers import GROUP, VERSION, cond, create, get, make_pod, wait_for
 
 WS = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "WeightSource", "metadata": {"name": "src"},
@@ -177,5 +177,5 @@ def test_liveness_fails_when_watches_die(control_plane: ControlPlane, tmp_path: 
         proxy.blocked.clear()
         wait_for(lambda: op.healthz() == 200, timeout=60, what="healthy again after reconnect")
     finally:
-        stop_operator(op)
+        op.stop()
         proxy.close()

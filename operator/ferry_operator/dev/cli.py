@@ -42,7 +42,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         cluster.down()
         raise
     assert cluster.cp is not None and cluster.operator is not None
-    pids = [p.pid for p in cluster.cp.procs] + [cluster.operator.pid] + \
+    pids = [p.pid for p in cluster.cp.procs] + [cluster.operator.proc.pid] + \
         [a.proc.pid for a in cluster.agents.values()]
     state = {"kubeconfig": str(cluster.cp.kubeconfig), "pids": pids,
              "agents": {p: {"endpoint": a.endpoint, "socket": a.socket, "role": a.role}

@@ -23,6 +23,7 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
 from .controlplane import ControlPlane, free_port
+from .operatorproc import OperatorProcess, start_operator
 
 NODE_PREFIX = "dev-node-"
 CACHE_KINDS = ("torch-compile", "triton", "deepgemm")
@@ -51,7 +52,7 @@ class DevCluster:
     lease_seconds: int = 6
     renew_seconds: float = 1.0
     cp: ControlPlane | None = None
-    operator: subprocess.Popen | None = None
+    operator: OperatorProcess | None = None
     agents: dict[str, AgentProc] = field(default_factory=dict)
     token_file: Path = Path()
     env: dict[str, str] = field(default_factory=dict)  # extra environment for every agent
@@ -89,18 +90,13 @@ class DevCluster:
 
     def start_operator(self) -> None:
         assert self.cp is not None
-        env = {**os.environ, "KUBECONFIG": str(self.cp.kubeconfig), "PYTHONUNBUFFERED": "1"}
-        log = open(self.workdir / "operator.log", "ab")  # noqa: SIM115
-        self.operator = subprocess.Popen(
-            [sys.executable, "-m", "ferry_operator", "run", "--all-namespaces",
-             "--health-port", str(free_port()), "--resync-seconds", "2",
-             "--webhook-port", str(free_port()), "--webhook-host", "127.0.0.1"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.operator = start_operator(
+            self.cp.kubeconfig, self.workdir / "operator.log", "--resync-seconds", "2",
+            "--webhook-port", str(free_port()), "--webhook-host", "127.0.0.1")
 
     def stop_operator(self, kill: bool = False) -> None:
-        if self.operator is not None and self.operator.poll() is None:
-            os.killpg(self.operator.pid, signal.SIGKILL if kill else signal.SIGTERM)
-            self.operator.wait(timeout=30)
+        if self.operator is not None:
+            self.operator.stop(kill)
         self.operator = None
 
     def down(self) -> None:
