@@ -123,7 +123,6 @@ class AgentServer:
             ],
         )
         pb_grpc.add_FerryAgentServicer_to_server(AgentServicer(agent), self._server)
-        self._extra: list[tuple[Callable[[Any, grpc.Server], None], Any]] = []
         self.port = self._server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
             raise OSError(f"cannot bind gRPC on {host}:{port}")
@@ -134,7 +133,6 @@ class AgentServer:
         if self._started:
             raise RuntimeError("add servicers before start()")
         add_fn(servicer, self._server)
-        self._extra.append((add_fn, servicer))
 
     def start(self) -> None:
         self._server.start()
