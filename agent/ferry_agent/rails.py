@@ -30,9 +30,8 @@ class Nic:
     device: str
     port: int
     state: str
-    chain: tuple[
-        str, ...
-    ]  # PCI path from the host bridge, e.g. ("pci0000:00", "0000:00:01.0", ...)
+    # PCI path from the host bridge, e.g. ("pci0000:00", "0000:00:01.0", ...)
+    chain: tuple[str, ...]
     numa: int
     bonded: bool
 
