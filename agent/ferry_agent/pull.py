@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import Cancelled, PeerUnavailable, SourceStale, TransferTimeout, VersionChanged
-from .layout import TensorSpec
 from .relay import PullTracker
 
 if TYPE_CHECKING:
@@ -129,7 +128,7 @@ def _fence(agent: Agent, srcs: list[_Source], deadline: float) -> None:
 def adopt_layout(agent: Agent, tensors: Any) -> float:
     """A fresh replica takes its source's layout (its engine attaches later)."""
     order = sorted(tensors, key=lambda p: (p.slab, p.offset))
-    agent.declare([TensorSpec(p.name, p.dtype, p.shape) for p in order])
+    agent.declare([p.spec for p in order])
     return agent.register_s
 
 
