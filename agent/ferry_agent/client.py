@@ -131,10 +131,7 @@ class EngineClient:
             self._slabs = [
                 HostSlab.attach(s["index"], s["handle"], s["nbytes"]) for s in reply["slabs"]
             ]
-        self.placements = [
-            Placement(t["name"], t["dtype"], tuple(t["shape"]), t["slab"], t["offset"], t["nbytes"])
-            for t in reply["tensors"]
-        ]
+        self.placements = [Placement.from_dict(t) for t in reply["tensors"]]
         self.fingerprint, self.generation = reply["fingerprint"], reply["generation"]
         self.tensors = tensor_views(self._slabs, self.placements)
         return self.tensors

@@ -30,17 +30,7 @@ def layout_reply(agent: Agent) -> dict[str, Any]:
             }
             for s in (slab.info for slab in agent.slabs)
         ],
-        "tensors": [
-            {
-                "name": p.name,
-                "dtype": p.dtype,
-                "shape": list(p.shape),
-                "slab": p.slab,
-                "offset": p.offset,
-                "nbytes": p.nbytes,
-            }
-            for p in layout.placements
-        ],
+        "tensors": [p.to_dict() for p in layout.placements],
     }
 
 

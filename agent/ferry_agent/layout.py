@@ -79,6 +79,20 @@ class Placement:
     def spec(self) -> TensorSpec:
         return TensorSpec(self.name, self.dtype, self.shape)
 
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "slab": self.slab,
+            "offset": self.offset,
+            "nbytes": self.nbytes,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Placement:
+        return cls(d["name"], d["dtype"], tuple(d["shape"]), d["slab"], d["offset"], d["nbytes"])
+
 
 @dataclass(frozen=True)
 class Layout:
