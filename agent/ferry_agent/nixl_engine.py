@@ -534,8 +534,8 @@ class NixlEngine:
         st: _ReadState,
         lane: int,
         max_inflight: int,
-        jobs: queue.SimpleQueue | None = None,
-        init_error: BaseException | None = None,
+        jobs: queue.SimpleQueue,
+        init_error: BaseException | None,
     ) -> None:
         agent, lock = self._agents[lane], self._lane_locks[lane]
         inflight: list[tuple[Prepared, int]] = []
@@ -577,7 +577,7 @@ class NixlEngine:
             st.error = exc
             st.abort = True
         finally:
-            if jobs is not None and init_error is None:  # idle again before the caller wakes
+            if init_error is None:  # idle again before the caller wakes
                 with self._posters_lock:
                     self._idle_posters.append(jobs)
             with st._lock:
