@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from typing import Any
 
 from ..cli import parse_size
+
+# Benchmarks that live in their own modules, each exposing `register(sub)`.
+MORE_BENCHES = ("ferry_agent.bench.fanout", "ferry_operator.bench.control_plane")
 
 
 def register(subparsers: Any) -> None:
@@ -55,6 +59,8 @@ def register(subparsers: Any) -> None:
     a.add_argument("--json", action="store_true", help="print only the JSON object")
     a.add_argument("--out", help="also write the JSON object to this file")
     a.set_defaults(func=cmd_artifacts)
+    for module in MORE_BENCHES:
+        importlib.import_module(module).register(sub)
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:

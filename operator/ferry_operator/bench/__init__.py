@@ -1,0 +1,1 @@
+"""Control-plane benchmarks (`ferry bench control-plane`)."""
