@@ -36,7 +36,7 @@ from .nixl_engine import (
 )
 from .peer import AgentClient
 from .planner import Plan, Segment, build_plan
-from .slabs import VersionHeader, create_slabs, reap_stale
+from .slabs import PAGE, VersionHeader, create_slabs, reap_stale
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class AgentConfig:
     nixl_threads: int = 0
     post_threads: int = DEFAULT_POST_THREADS
     lanes: int = 0  # NIXL agents used for our READs; 0: 2 for host memory, 1 for cuda
+    header_memory: str = "host"  # host | slab: where the version headers live
     progress_delay_us: int = DEFAULT_PROGRESS_DELAY_US
     shm_prefix: str = "ferry"
 
@@ -84,6 +85,7 @@ class PullResult:
     total_s: float = 0.0  # whole cycle: versions, plan, prepare, READs, fence
     source_bytes: dict[str, int] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=dict)
+    phases_s: dict[str, float] = field(default_factory=dict)  # see pull.Phases
 
     @property
     def gbps(self) -> float:
@@ -171,20 +173,40 @@ class Agent:
 
     def _init_headers(self) -> None:
         """Our version header (peers READ it) and the landing header (we READ theirs into
-        it), registered now, before any peer loads our metadata. On CUDA this is also the
-        process's first CUDA allocation and first VRAM registration (context, UCX cuda
-        transports): paid here at start-up, not by the weight slabs' registration."""
+        it), registered now, before any peer loads our metadata.
+
+        They live in host memory by default, whatever the slabs are: the fence is two
+        256-byte READs per cycle, and from DRAM they need no CUDA copy to write or to
+        look at (on the H200 pair, VRAM headers cost a warm 8 GB cycle about 2.7% on
+        top of its READs: docs/benchmarks.md). `header_memory="slab"` keeps them in the
+        slabs' memory kind. A CUDA agent still makes its first CUDA allocation and
+        first VRAM registration here (a one-page warm-up region, kept registered), so
+        the weight slabs' registration is not the one that pays for the CUDA context
+        and UCX's CUDA set-up."""
         t0 = time.perf_counter()
-        self._header = VersionHeader(self.config.memory, self.config.device)
-        self._landing = VersionHeader(self.config.memory, self.config.device)
+        cuda = self.config.memory == "cuda"
+        kind = self.config.memory if self.config.header_memory == "slab" else "host"
+        self._header = VersionHeader(kind, self.config.device)
+        self._landing = VersionHeader(kind, self.config.device)
+        self._warmup: list[Any] = []
+        if cuda and kind == "host":
+            from .cuda import CudaSlab
+
+            self._warmup = [CudaSlab.create(0, PAGE, device=self.config.device)]
         t1 = time.perf_counter()
         mem = self._header.memory
         self._header_reg = self.engine.register([self._header.region, self._landing.region], mem)
+        self._warmup_reg = (
+            self.engine.register([(w.addr, w.nbytes, w.device_id) for w in self._warmup], "VRAM")
+            if self._warmup
+            else None
+        )
         t2 = time.perf_counter()
         self.startup_alloc_s, self.startup_register_s = t1 - t0, t2 - t1
         self._write_header()
         log.info(
-            "start-up: version headers allocated in %.1f ms, registered in %.1f ms",
+            "start-up: version headers (%s) allocated in %.1f ms, registered in %.1f ms",
+            mem,
             (t1 - t0) * 1e3,
             (t2 - t1) * 1e3,
         )
@@ -273,6 +295,9 @@ class Agent:
         if self._header_reg is not None:
             self._release(self._header_reg, [self._header, self._landing])
             self._header_reg = None
+        if self._warmup_reg is not None:
+            self._release(self._warmup_reg, self._warmup)
+            self._warmup_reg, self._warmup = None, []
 
     def _free_slabs(self) -> None:
         with self._lock:

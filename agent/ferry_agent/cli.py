@@ -85,6 +85,12 @@ def register(subparsers: Any) -> None:
     run.add_argument(
         "--progress-delay-us", type=int, default=1000, help="NIXL progress thread idle delay"
     )
+    run.add_argument(
+        "--header-memory",
+        choices=("host", "slab"),
+        default="host",
+        help="version headers in host memory, or in the slabs' memory kind",
+    )
     run.add_argument("--layout", help="JSON file [{name, dtype, shape}] to declare at start")
     run.add_argument(
         "--ready-file", help="write {endpoint, grpc_port, metrics_port, ...} here once serving"
@@ -139,6 +145,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         post_threads=args.post_threads,
         lanes=args.lanes,
         progress_delay_us=args.progress_delay_us,
+        header_memory=args.header_memory,
     )
     agent = Agent(cfg)
     kube = None

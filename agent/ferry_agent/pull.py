@@ -84,6 +84,24 @@ class Watch:
             self.fence()
 
 
+class Phases:
+    """Where one pull cycle's time went (seconds per step of the last attempt): the
+    READs themselves are `read`; everything else is the cycle's overhead."""
+
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+        self.spent: dict[str, float] = {}
+
+    def start(self) -> None:  # a retried attempt reports its own steps
+        self.t, self.spent = time.perf_counter(), {}
+
+    def mark(self, step: str) -> dict[str, float]:
+        now = time.perf_counter()
+        self.spent[step] = self.spent.get(step, 0.0) + now - self.t
+        self.t = now
+        return self.spent
+
+
 def _stable_sources(agent: Agent, endpoints: list[str], opts: PullOptions) -> list[_Source]:
     while True:
         opts.check_cancel()
@@ -136,6 +154,7 @@ def run_pull(agent: Agent, endpoints: list[str], opts: PullOptions) -> PullResul
     if not endpoints:
         raise ValueError("pull needs at least one source")
     t_start = time.perf_counter()
+    phases = Phases()
     stats0 = agent.engine.stats.as_dict()
     register_s = 0.0
     refit_id = None
@@ -147,14 +166,17 @@ def run_pull(agent: Agent, endpoints: list[str], opts: PullOptions) -> PullResul
     try:
         while True:
             attempts += 1
+            phases.start()
             srcs = _stable_sources(agent, endpoints, opts)
             have = check_sources(srcs, opts.want)
+            phases.mark("sources")
             if agent._layout is None:
                 register_s = adopt_layout(agent, srcs[0].manifest.tensors)
             plan = agent._plan(srcs, opts.chunk_bytes)  # LayoutMismatch: nothing written yet
             local = agent._standby_slabs() if opts.double_buffer else agent.slabs
             prepared, members = agent._prepare(srcs, plan, local)
             tracker = PullTracker(have, plan.moved_bytes, members)
+            phases.mark("plan")
             if not opts.double_buffer:
                 if opts.quiesce and refit_id is None:
                     refit_id = agent.link.pause(have, opts.quiesce_timeout_s, opts.cancel)
@@ -162,6 +184,7 @@ def run_pull(agent: Agent, endpoints: list[str], opts: PullOptions) -> PullResul
                 writing = True
                 agent._track(tracker)  # downstream relays may follow this pull
             opts.check_cancel()
+            phases.mark("begin")
             try:
                 res = agent.engine.read(
                     prepared,
@@ -174,7 +197,9 @@ def run_pull(agent: Agent, endpoints: list[str], opts: PullOptions) -> PullResul
                     max_bytes_per_s=opts.max_gbps * 1e9 if opts.max_gbps else None,
                     on_complete=tracker.on_complete,
                 )
+                phases.mark("read")
                 _fence(agent, srcs, opts.deadline)
+                phases.mark("fence")
             except VersionChanged:
                 tracker.finish(ok=False)
                 if writing:
@@ -195,7 +220,10 @@ def run_pull(agent: Agent, endpoints: list[str], opts: PullOptions) -> PullResul
             writing = False
             ok = True
             tracker.finish(ok=True, epoch=agent.version_info()["epoch"])
-            return finish_result(agent, plan, res, attempts, endpoints, register_s, t_start, stats0)
+            phases.mark("publish")
+            return finish_result(
+                agent, plan, res, attempts, endpoints, register_s, t_start, stats0, phases
+            )
     except PeerUnavailable as exc:
         agent._peers.pop(str(exc.fields.get("endpoint", "")), None)
         raise
@@ -217,6 +245,7 @@ def finish_result(
     register_s: float,
     t_start: float,
     stats0: dict[str, int],
+    phases: Phases | None = None,
 ) -> PullResult:
     from .agent import PullResult
 
@@ -238,6 +267,7 @@ def finish_result(
         register_s=register_s,
         total_s=time.perf_counter() - t_start,
         source_bytes=dict(res.per_peer_bytes),
+        phases_s=phases.mark("finish") if phases is not None else {},
         stats={k: stats1[k] - stats0[k] for k in stats1}
         | {"total_" + k: v for k, v in stats1.items()},
     )

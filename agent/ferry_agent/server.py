@@ -102,6 +102,7 @@ class AgentServicer(pb_grpc.FerryAgentServicer):
             register_s=r.register_s,
             total_s=r.total_s,
             source_bytes=r.source_bytes,
+            phases_s=r.phases_s,
             xfer_handles_created=s.get("xfer_handles_created", 0),
         )
 

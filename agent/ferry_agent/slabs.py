@@ -179,11 +179,10 @@ class VersionHeader:
     then the version string (UTF-8, at most MAX_VERSION bytes; longer: length 2**63).
 
     A source keeps its own header equal to its version fields; a target READs a
-    source's header into its own (a landing buffer) before and after the data, in
-    the same memory kind as the slabs, so the check rides the data path (cuda_ipc
-    for VRAM) and needs no RPC. On CUDA agents it is also the process's first VRAM
-    registration, made at start-up, so the weight slabs' registration is not the
-    one that pays for UCX's CUDA set-up. Kept referenced for its registered life."""
+    source's header into its own (a landing buffer) before and after the data, so
+    the check needs no RPC. The agent keeps both in host memory by default (no CUDA
+    copy to write or read them; `header_memory="slab"` puts them in VRAM on CUDA
+    agents). Kept referenced for its registered life."""
 
     NBYTES = 256
     WORDS = 3

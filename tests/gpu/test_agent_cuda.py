@@ -43,7 +43,10 @@ def test_cuda_slab_is_plain_cudamalloc_shared_over_ipc():
         slab.close()
 
 
-def test_vram_pull_between_agent_processes_bytes_equal(tmp_path):
+@pytest.mark.parametrize("header_memory", ["host", "slab"])
+def test_vram_pull_between_agent_processes_bytes_equal(tmp_path, header_memory):
+    """Cold pull, then a warm refit of a new version (the one-sided header fence sees
+    the new epoch with no RPC), with version headers in host memory or in VRAM."""
     from ferry_agent.client import EngineClient
     from ferry_agent.layout import TensorSpec
     from ferry_agent.peer import AgentClient
@@ -59,6 +62,8 @@ def test_vram_pull_between_agent_processes_bytes_equal(tmp_path):
         "256Mi",
         "--chunk-bytes",
         "64Mi",
+        "--header-memory",
+        header_memory,
         "--log-level",
         "WARNING",
     ]
@@ -74,22 +79,29 @@ def test_vram_pull_between_agent_processes_bytes_equal(tmp_path):
         clients += [se, de]
         sv, dv = se.declare(specs), de.declare(specs)
         g = torch.Generator(device="cuda:0").manual_seed(0)
-        for t in sv.values():
-            t.view(torch.uint8).copy_(
-                torch.randint(
-                    0,
-                    256,
-                    t.view(torch.uint8).shape,
-                    generator=g,
-                    device="cuda:0",
-                    dtype=torch.uint8,
+
+        def fill() -> None:
+            for t in sv.values():
+                t.view(torch.uint8).copy_(
+                    torch.randint(
+                        0,
+                        256,
+                        t.view(torch.uint8).shape,
+                        generator=g,
+                        device="cuda:0",
+                        dtype=torch.uint8,
+                    )
                 )
-            )
-        torch.cuda.synchronize()
+            torch.cuda.synchronize()
+
+        fill()
         se.publish("g1")
         with AgentClient(dst.endpoint, token.read_text()) as rpc:
             r1 = rpc.pull([src.endpoint], timeout_s=120)
+            with se.writing("g2"):
+                fill()
             r2 = rpc.pull([src.endpoint], timeout_s=120)
+        assert (r1.version, r2.version) == ("g1", "g2")
         assert r2.dlists_reused == 1 and r2.registrations == 0
         torch.cuda.synchronize()
         for name, t in sv.items():

@@ -30,6 +30,9 @@ def register(subparsers: Any) -> None:
     t.add_argument("--post-threads", type=int, default=1)
     t.add_argument("--lanes", type=int, default=0, help="target NIXL agents (0: agent default)")
     t.add_argument("--progress-delay-us", type=int, default=1000)
+    t.add_argument(
+        "--header-memory", choices=("host", "slab"), default="host", help="agents' version headers"
+    )
     t.add_argument("--warm-cycles", type=int, default=5, help="warm cycles; warm_s is their median")
     t.add_argument("--source-device", type=int, default=0, help="cuda: GPU of the first source")
     t.add_argument(

@@ -55,7 +55,7 @@ def read_timings(log: str) -> dict[str, float]:
     registration) and declare (slab allocation, slab registration) times, in ms."""
     out: dict[str, float] = {}
     pats = {
-        "startup_alloc": r"start-up: version headers allocated in ([0-9.]+) ms",
+        "startup_alloc": r"start-up: version headers (?:\(\w+\) )?allocated in ([0-9.]+) ms",
         "startup_register": r"start-up: .*registered in ([0-9.]+) ms",
         "slab_alloc": r"declared .* allocated in ([0-9.]+) ms",
         "slab_register": r"declared .* registered in ([0-9.]+) ms",
@@ -200,6 +200,8 @@ class TransferBench:
             str(a.post_threads),
             "--progress-delay-us",
             str(a.progress_delay_us),
+            "--header-memory",
+            a.header_memory,
             "--log-level",
             "WARNING",
         ]
@@ -306,6 +308,7 @@ class TransferBench:
             "post_threads": a.post_threads,
             "lanes": a.lanes or ("auto"),
             "progress_delay_us": a.progress_delay_us,
+            "header_memory": a.header_memory,
             "register_s": round(register_s, 6),
             "cold_s": round(register_s + cold.total_s, 4),
             "warm_s": warm_s,
@@ -314,6 +317,7 @@ class TransferBench:
             "read_GBps": summary["read_GBps"],
             "GBps": gbps,
             "warm_overhead_pct": summary["warm_overhead_pct"],
+            "warm_phases_ms": summary["warm_phases_ms"],
             "warm_rpc_s": round(statistics.median(warm_rpc), 4),
             "baseline": baseline,
             "ratio": round(gbps / baseline["GBps"], 3),
@@ -344,6 +348,11 @@ def _summary(warm: list[Any], total: int) -> dict[str, Any]:
         "GBps": round(total / warm_s / 1e9, 3),
         "read_GBps": round(total / read_s / 1e9, 3),
         "warm_overhead_pct": round(100 * over, 2),
+        # where a warm cycle's time goes, median per step (ms); `read` is the READs
+        "warm_phases_ms": {
+            k: round(1e3 * statistics.median(r.phases_s.get(k, 0.0) for r in warm), 4)
+            for k in warm[-1].phases_s
+        },
         "descriptors": int(warm[-1].descriptors),
     }
 
