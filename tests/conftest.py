@@ -15,11 +15,37 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis.database import DirectoryBasedExampleDatabase
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
 from ferry_operator.dev.controlplane import ControlPlane, free_port
 from ferry_operator.dev.operatorproc import OperatorProcess, start_operator
+
+# Fuzz tests (hypothesis). By default each runs a fixed, derandomized set of examples
+# so `make test` is reproducible and bounded; FERRY_FUZZ_EXAMPLES=N runs N random
+# examples per test instead (failures are kept in ~/.cache/ferry/hypothesis and
+# replayed first next time).
+FUZZ_EXAMPLES = int(os.environ.get("FERRY_FUZZ_EXAMPLES", "0") or 0)
+_FUZZ_COMMON = dict(
+    deadline=None,  # apiserver round trips vary on a shared machine
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                           HealthCheck.filter_too_much, HealthCheck.data_too_large],
+    print_blob=True,
+)
+settings.register_profile("ferry-ci", derandomize=True, database=None, **_FUZZ_COMMON)
+settings.register_profile(
+    "ferry-long", max_examples=max(FUZZ_EXAMPLES, 1), derandomize=False,
+    database=DirectoryBasedExampleDatabase(
+        str(Path(os.environ.get("FERRY_CACHE", Path.home() / ".cache" / "ferry")) / "hypothesis")),
+    **_FUZZ_COMMON)
+settings.load_profile("ferry-long" if FUZZ_EXAMPLES else "ferry-ci")
+
+
+def fuzz_examples(default: int) -> settings:
+    """Settings for one fuzz test: `default` examples in CI, FERRY_FUZZ_EXAMPLES when set."""
+    return settings(max_examples=FUZZ_EXAMPLES or default)
 
 
 @pytest.fixture(scope="session")

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from .meta import (
     ApiModel,
     Condition,
     LabelSelector,
+    Rule,
     conditions_field,
     k8s,
     observed_generation_field,
+    unique,
 )
 
 CacheKind = Literal["torch-compile", "triton", "deepgemm"]
@@ -63,33 +66,39 @@ def _camel(name: str) -> str:
     return head + "".join(w.title() for w in rest)
 
 
-def _identity_rules() -> list[dict[str, str]]:
-    rules = [{
-        "rule": "!('torch-compile' in self.kinds) || has(self.identity.model)",
-        "message": "identity.model is required when kinds includes torch-compile (its caches are keyed by model)",
-        "fieldPath": ".identity.model",
-        "reason": "FieldValueRequired",
-    }]
+def _has_identity(kind: str, fields: tuple[str, ...]) -> Callable[[Any], bool]:
+    return lambda s: kind not in s.kinds or all(getattr(s.identity, f) is not None for f in fields)
+
+
+def _identity_rules() -> tuple[Rule, ...]:
+    rules = [Rule(
+        cel="!('torch-compile' in self.kinds) || has(self.identity.model)",
+        message="identity.model is required when kinds includes torch-compile (its caches are keyed by model)",
+        holds=lambda s: "torch-compile" not in s.kinds or s.identity.model is not None,
+        field_path=".identity.model",
+        reason="FieldValueRequired",
+    )]
     for kind, fields in REQUIRED_IDENTITY.items():
         names = [_camel(f) for f in fields]
-        rules.append({
-            "rule": f"!('{kind}' in self.kinds) || " + " && ".join(f"has(self.identity.{n})" for n in names),
-            "message": f"kinds includes {kind}: identity needs " + ", ".join(names)
+        rules.append(Rule(
+            cel=f"!('{kind}' in self.kinds) || " + " && ".join(f"has(self.identity.{n})" for n in names),
+            message=f"kinds includes {kind}: identity needs " + ", ".join(names)
             + " (they decide whether a cache can be reused)",
-            "fieldPath": ".identity",
-            "reason": "FieldValueRequired",
-        })
-    return rules
+            holds=_has_identity(kind, fields),
+            field_path=".identity",
+            reason="FieldValueRequired",
+        ))
+    return tuple(rules)
 
 
 class ArtifactCacheSpec(ApiModel):
-    model_config = ApiModel.model_config | {"json_schema_extra": k8s(validations=_identity_rules())}
+    RULES = _identity_rules()
 
     identity: CacheIdentity = Field(
         description="Identity the cache must match.",
         json_schema_extra=k8s(immutable="spec.identity is immutable; create a new ArtifactCache"),
     )
-    kinds: list[CacheKind] = Field(
+    kinds: Annotated[list[CacheKind], AfterValidator(unique)] = Field(
         min_length=1,
         max_length=3,
         description="Cache kinds to carry: torch-compile, triton, deepgemm.",

@@ -25,7 +25,7 @@ CATEGORY = "ferry"
 
 
 def crd(model: Any) -> dict[str, Any]:
-    spec_schema = structural_schema(model.model_fields["spec"].annotation)
+    spec_schema = structural_schema(model.model_fields["spec"].annotation, strict_integers=True)
     status_schema = structural_schema(model.model_fields["status"].annotation.__args__[0])
     return {
         "apiVersion": "apiextensions.k8s.io/v1",

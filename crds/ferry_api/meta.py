@@ -6,10 +6,12 @@ in Python; `model_dump(by_alias=True)` gives the wire form.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 # Kubernetes object names (RFC 1123 subdomain) and label values.
@@ -18,19 +20,81 @@ DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?
 REASON = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
 
 
+@dataclass(frozen=True)
+class Rule:
+    """A cross-field rule of one type, written twice side by side: `cel` for the
+    apiserver (x-kubernetes-validations) and `holds` over the validated model for
+    pydantic. tests/integration/test_fuzz_crs.py checks that the two agree."""
+
+    cel: str
+    message: str
+    holds: Callable[[Any], bool]
+    field_path: str | None = None
+    reason: str | None = None
+
+    def schema(self) -> dict[str, str]:
+        out = {"rule": self.cel, "message": self.message}
+        if self.field_path:
+            out["fieldPath"] = self.field_path
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+
+def _rules_schema(schema: dict[str, Any], cls: type) -> None:
+    rules = getattr(cls, "RULES", ())
+    if rules:
+        schema["x-kubernetes-validations"] = [r.schema() for r in rules]
+
+
 class ApiModel(BaseModel):
-    """Base for every API type: camelCase aliases, unknown fields rejected."""
+    """Base for every API type: camelCase aliases, unknown fields rejected, and each
+    type's cross-field `RULES` checked here and emitted as CEL in the CRD."""
 
     model_config = ConfigDict(
         alias_generator=to_camel,
         populate_by_name=True,
         extra="forbid",
         use_enum_values=True,
+        json_schema_extra=_rules_schema,
     )
+    RULES: ClassVar[tuple[Rule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> Any:
+        for rule in type(self).RULES:
+            if not rule.holds(self):
+                raise ValueError(rule.message)
+        return self
 
     def wire(self) -> dict[str, Any]:
         """The object as it appears in the apiserver (camelCase, no unset optionals)."""
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> Any:
+        """Validate `obj` as the apiserver reads JSON: a null field or map value is
+        absent (pruned), and nothing is coerced (no "3", true or 3.0 for an integer,
+        no 1 for a string; schema.INTEGER_RULE refuses 3.0 on the apiserver side)."""
+        return cls.model_validate(_prune_nulls(obj), strict=True)
+
+
+def _prune_nulls(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _prune_nulls(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, list):
+        return [_prune_nulls(v) for v in obj]
+    return obj
+
+
+def unique(items: list[Any]) -> list[Any]:
+    """Items of an x-kubernetes-list-type: set list, which the apiserver keeps unique."""
+    seen: list[Any] = []
+    for item in items:
+        if item in seen:
+            raise ValueError(f"duplicate value {item!r}")
+        seen.append(item)
+    return items
 
 
 def k8s(
@@ -58,6 +122,23 @@ def k8s(
 
 
 class LabelSelectorRequirement(ApiModel):
+    RULES = (
+        Rule(
+            cel="self.operator in ['Exists', 'DoesNotExist'] || has(self.values) && size(self.values) > 0",
+            message="values must name at least one value when operator is In or NotIn",
+            holds=lambda r: r.operator in ("Exists", "DoesNotExist") or bool(r.values),
+            field_path=".values",
+            reason="FieldValueRequired",
+        ),
+        Rule(
+            cel="self.operator in ['In', 'NotIn'] || !has(self.values) || size(self.values) == 0",
+            message="values must be empty when operator is Exists or DoesNotExist",
+            holds=lambda r: r.operator in ("In", "NotIn") or not r.values,
+            field_path=".values",
+            reason="FieldValueForbidden",
+        ),
+    )
+
     key: str = Field(description="Label key the selector applies to.", min_length=1, max_length=317)
     operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(
         description="How the key relates to the values."
@@ -73,17 +154,14 @@ class LabelSelectorRequirement(ApiModel):
 class LabelSelector(ApiModel):
     """A pod label selector (metav1.LabelSelector); an empty selector is refused."""
 
-    model_config = ConfigDict(
-        json_schema_extra=k8s(
-            validations=[
-                {
-                    "rule": "has(self.matchLabels) && size(self.matchLabels) > 0 || "
-                    "has(self.matchExpressions) && size(self.matchExpressions) > 0",
-                    "message": "selector must name at least one label in matchLabels or matchExpressions; "
-                    "an empty selector would match every pod in the namespace",
-                }
-            ]
-        )
+    RULES = (
+        Rule(
+            cel="has(self.matchLabels) && size(self.matchLabels) > 0 || "
+            "has(self.matchExpressions) && size(self.matchExpressions) > 0",
+            message="selector must name at least one label in matchLabels or matchExpressions; "
+            "an empty selector would match every pod in the namespace",
+            holds=lambda s: bool(s.match_labels) or bool(s.match_expressions),
+        ),
     )
 
     match_labels: dict[str, str] | None = Field(

@@ -12,6 +12,7 @@ from .meta import (
     Condition,
     LabelSelector,
     LocalObjectReference,
+    Rule,
     conditions_field,
     k8s,
     observed_generation_field,
@@ -28,17 +29,14 @@ TargetPhase = Literal["Pending", "Assigned", "Pulling", "Done", "Failed"]
 
 
 class Strategy(ApiModel):
-    model_config = ApiModel.model_config | {
-        "json_schema_extra": k8s(
-            validations=[
-                {
-                    "rule": "self.type == 'direct' || self.parallelSources == 1",
-                    "message": "strategy.parallelSources above 1 needs strategy.type direct: tree and chain relay from one upstream per target",
-                    "fieldPath": ".parallelSources",
-                }
-            ]
-        )
-    }
+    RULES = (
+        Rule(
+            cel="self.type == 'direct' || self.parallelSources == 1",
+            message="strategy.parallelSources above 1 needs strategy.type direct: tree and chain relay from one upstream per target",
+            holds=lambda s: s.type == "direct" or s.parallel_sources == 1,
+            field_path=".parallelSources",
+        ),
+    )
 
     type: StrategyType = Field(
         default="direct",
@@ -59,24 +57,22 @@ class Strategy(ApiModel):
 
 
 class Transform(ApiModel):
-    model_config = ApiModel.model_config | {
-        "json_schema_extra": k8s(
-            validations=[
-                {
-                    "rule": "self.type != 'reshard' || has(self.targetTensorParallelSize)",
-                    "message": "transform.targetTensorParallelSize is required when transform.type is reshard",
-                    "fieldPath": ".targetTensorParallelSize",
-                    "reason": "FieldValueRequired",
-                },
-                {
-                    "rule": "self.type == 'reshard' || !has(self.targetTensorParallelSize)",
-                    "message": "transform.targetTensorParallelSize is only allowed when transform.type is reshard",
-                    "fieldPath": ".targetTensorParallelSize",
-                    "reason": "FieldValueForbidden",
-                },
-            ]
-        )
-    }
+    RULES = (
+        Rule(
+            cel="self.type != 'reshard' || has(self.targetTensorParallelSize)",
+            message="transform.targetTensorParallelSize is required when transform.type is reshard",
+            holds=lambda t: t.type != "reshard" or t.target_tensor_parallel_size is not None,
+            field_path=".targetTensorParallelSize",
+            reason="FieldValueRequired",
+        ),
+        Rule(
+            cel="self.type == 'reshard' || !has(self.targetTensorParallelSize)",
+            message="transform.targetTensorParallelSize is only allowed when transform.type is reshard",
+            holds=lambda t: t.type == "reshard" or t.target_tensor_parallel_size is None,
+            field_path=".targetTensorParallelSize",
+            reason="FieldValueForbidden",
+        ),
+    )
 
     type: TransformType = Field(
         default="none",

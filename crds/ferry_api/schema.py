@@ -39,10 +39,30 @@ _KEEP = {
 }
 
 
-def structural_schema(model: type[BaseModel]) -> dict[str, Any]:
+# JSON has one number type: the apiserver's schema check takes 2.0 for an integer
+# field, but a CEL rule that reads the field fails on it ("expected int, got
+# float64"). So each integer field of a spec reads itself once: 2.0 is refused
+# everywhere, with the field named, as the models refuse it (ApiModel.from_wire).
+INTEGER_RULE = {"rule": "self == self", "message": "must be an integer, without a decimal point"}
+
+
+def structural_schema(model: type[BaseModel], *, strict_integers: bool = False) -> dict[str, Any]:
     raw = model.model_json_schema(by_alias=True, mode="validation")
     defs = raw.pop("$defs", {})
-    return _convert(raw, defs)
+    out = _convert(raw, defs)
+    if strict_integers:
+        _guard_integers(out)
+    return out
+
+
+def _guard_integers(node: dict[str, Any]) -> None:
+    if node.get("type") == "integer":
+        node["x-kubernetes-validations"] = [dict(INTEGER_RULE), *node.get("x-kubernetes-validations", [])]
+    for child in (node.get("properties") or {}).values():
+        _guard_integers(child)
+    for key in ("items", "additionalProperties"):
+        if isinstance(node.get(key), dict):
+            _guard_integers(node[key])
 
 
 def _merge(base: dict[str, Any], field: dict[str, Any], skip: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from .meta import (
     ApiModel,
     Condition,
     LabelSelector,
+    Rule,
     conditions_field,
     k8s,
     observed_generation_field,
@@ -56,24 +57,22 @@ class Layout(ApiModel):
 class Rails(ApiModel):
     """How the agent pins UCX to RDMA NICs (UCX_NET_DEVICES) before creating its NIXL agent."""
 
-    model_config = ApiModel.model_config | {
-        "json_schema_extra": k8s(
-            validations=[
-                {
-                    "rule": "self.mode != 'explicit' || has(self.devices) && size(self.devices) > 0",
-                    "message": "rails.devices is required when rails.mode is explicit: map each GPU index to its NICs",
-                    "fieldPath": ".devices",
-                    "reason": "FieldValueRequired",
-                },
-                {
-                    "rule": "self.mode == 'explicit' || !has(self.devices)",
-                    "message": "rails.devices is only allowed with rails.mode explicit; remove it or set mode: explicit",
-                    "fieldPath": ".devices",
-                    "reason": "FieldValueForbidden",
-                },
-            ]
-        )
-    }
+    RULES = (
+        Rule(
+            cel="self.mode != 'explicit' || has(self.devices) && size(self.devices) > 0",
+            message="rails.devices is required when rails.mode is explicit: map each GPU index to its NICs",
+            holds=lambda r: r.mode != "explicit" or bool(r.devices),
+            field_path=".devices",
+            reason="FieldValueRequired",
+        ),
+        Rule(
+            cel="self.mode == 'explicit' || !has(self.devices)",
+            message="rails.devices is only allowed with rails.mode explicit; remove it or set mode: explicit",
+            holds=lambda r: r.mode == "explicit" or r.devices is None,
+            field_path=".devices",
+            reason="FieldValueForbidden",
+        ),
+    )
 
     mode: RailsMode = Field(
         default="auto",
@@ -87,17 +86,14 @@ class Rails(ApiModel):
 
 
 class Heartbeat(ApiModel):
-    model_config = ApiModel.model_config | {
-        "json_schema_extra": k8s(
-            validations=[
-                {
-                    "rule": "self.renewIntervalSeconds < self.leaseDurationSeconds",
-                    "message": "heartbeat.renewIntervalSeconds must be below leaseDurationSeconds, or the lease expires between renewals",
-                    "fieldPath": ".renewIntervalSeconds",
-                }
-            ]
-        )
-    }
+    RULES = (
+        Rule(
+            cel="self.renewIntervalSeconds < self.leaseDurationSeconds",
+            message="heartbeat.renewIntervalSeconds must be below leaseDurationSeconds, or the lease expires between renewals",
+            holds=lambda h: h.renew_interval_seconds < h.lease_duration_seconds,
+            field_path=".renewIntervalSeconds",
+        ),
+    )
 
     lease_duration_seconds: int = Field(
         default=15, ge=3, le=300, description="A replica whose Lease is older than this is Stale."
