@@ -51,6 +51,10 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         prefix=GROUP, key="last-handled-configuration")
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.posting.level = logging.INFO
+    # Every handler is the same idempotent reconcile: one that failed (e.g. while the
+    # apiserver restarts) runs again in seconds, not after kopf's default of 60 s,
+    # which would stall a running job's progress timer for a minute.
+    settings.execution.default_backoff = 2
     settings.execution.max_workers = 16
     if WEBHOOK_PORT:
         from . import webhook
