@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
+import urllib3
 from kubernetes import client
 
 from ferry_api import GROUP, VERSION, ssa
@@ -28,6 +29,10 @@ from .reporter import Identity
 
 log = logging.getLogger(__name__)
 TERMINAL = ("Succeeded", "Failed")
+# Statuses of an apply that may succeed when repeated (0: no HTTP response at all).
+TRANSIENT = (0, 408, 429, 500, 502, 503, 504)
+# A final report is retried from 0.2 s, doubling, to one try every 5 s.
+FINAL_RETRY_S, FINAL_RETRY_MAX_S = 0.2, 5.0
 
 
 class UpstreamNotReady(FerryError):
@@ -162,7 +167,7 @@ class JobRunner:
                 progress.stop()  # no Pulling write may land after the final one
             if cancel.is_set():
                 raise Cancelled("the job was deleted or re-assigned during the pull")
-            self._write(
+            self._report(
                 name,
                 {
                     **report,
@@ -196,13 +201,32 @@ class JobRunner:
                 self.on_done()
 
     def _fail(self, job: str, report: dict[str, Any], reason: str, message: str) -> None:
-        try:
-            self._write(
-                job, {**report, "phase": "Failed", "reason": reason, "message": message[:1000]}
-            )
-        except client.ApiException as exc:
-            if exc.status != 404:  # a deleted job needs no report
-                raise
+        self._report(
+            job, {**report, "phase": "Failed", "reason": reason, "message": message[:1000]}
+        )
+
+    def _report(self, job: str, fields: dict[str, Any]) -> None:
+        """An attempt's last word (Done or Failed), retried while the apiserver cannot take
+        it: an entry left Pulling would hold the job until its deadline, and nothing else
+        would ever write it. A deleted job needs no report; a stopping agent gives up."""
+        delay = FINAL_RETRY_S
+        while True:
+            try:
+                self._write(job, fields)
+                return
+            except client.ApiException as exc:
+                if exc.status == 404:
+                    return
+                if exc.status not in TRANSIENT:
+                    raise
+                err: Exception = exc
+            except (urllib3.exceptions.HTTPError, OSError) as exc:  # apiserver unreachable
+                err = exc
+            log.warning("report of %s (%s) not written, retrying in %.1fs: %s",
+                        job, fields.get("phase"), delay, err)
+            if self._stop.wait(delay):
+                return
+            delay = min(2 * delay, FINAL_RETRY_MAX_S)
 
     def _endpoints(
         self,
