@@ -62,6 +62,7 @@ class ControlPlane:
     bin_dir: Path | None = None
     extra_apiserver_args: list[str] = field(default_factory=list)
     procs: list[subprocess.Popen] = field(default_factory=list)
+    apiserver_argv: list[str] = field(default_factory=list)
     port: int = 0
     kubeconfig: Path = Path()
     ca: pki.KeyPair | None = None
@@ -93,31 +94,43 @@ class ControlPlane:
         )
         self._write_pki()
         pki_dir = self.workdir / "pki"
-        self._spawn(
-            [
-                str(bins / "kube-apiserver"),
-                "--etcd-servers", etcd_url,
-                "--bind-address", "127.0.0.1",
-                "--advertise-address", "127.0.0.1",
-                "--secure-port", str(self.port),
-                "--tls-cert-file", str(pki_dir / "apiserver.crt"),
-                "--tls-private-key-file", str(pki_dir / "apiserver.key"),
-                "--client-ca-file", str(pki_dir / "ca.crt"),
-                "--authorization-mode", "RBAC",
-                "--service-cluster-ip-range", "10.96.0.0/16",
-                "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
-                "--service-account-key-file", str(pki_dir / "sa.key"),
-                "--service-account-signing-key-file", str(pki_dir / "sa.key"),
-                "--allow-privileged=true",
-                "--cert-dir", str(pki_dir),
-                "--v", "1",
-                *self.extra_apiserver_args,
-            ],
-            logs / "kube-apiserver.log",
-        )
+        self.apiserver_argv = [
+            str(bins / "kube-apiserver"),
+            "--etcd-servers", etcd_url,
+            "--bind-address", "127.0.0.1",
+            "--advertise-address", "127.0.0.1",
+            "--secure-port", str(self.port),
+            "--tls-cert-file", str(pki_dir / "apiserver.crt"),
+            "--tls-private-key-file", str(pki_dir / "apiserver.key"),
+            "--client-ca-file", str(pki_dir / "ca.crt"),
+            "--authorization-mode", "RBAC",
+            "--service-cluster-ip-range", "10.96.0.0/16",
+            "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
+            "--service-account-key-file", str(pki_dir / "sa.key"),
+            "--service-account-signing-key-file", str(pki_dir / "sa.key"),
+            "--allow-privileged=true",
+            "--cert-dir", str(pki_dir),
+            "--v", "1",
+            *self.extra_apiserver_args,
+        ]
+        self._spawn(self.apiserver_argv, logs / "kube-apiserver.log")
         self._write_kubeconfig()
         self._wait_ready(timeout)
         return self
+
+    def restart_apiserver(self, down_seconds: float = 0.0, timeout: float = 120.0) -> float:
+        """Kill kube-apiserver (SIGKILL: no graceful drain, as in a crash), keep it down
+        for `down_seconds`, start it again on the same port against the same etcd, and
+        wait until it is ready. Returns how long it was unreachable, in seconds."""
+        old = next(p for p in self.procs if p.args == self.apiserver_argv)
+        t0 = time.monotonic()
+        os.killpg(old.pid, signal.SIGKILL)
+        old.wait()
+        self.procs.remove(old)
+        time.sleep(down_seconds)
+        self._spawn(self.apiserver_argv, self.workdir / "logs" / "kube-apiserver.log")
+        self._wait_ready(timeout)
+        return time.monotonic() - t0
 
     def _spawn(self, argv: list[str], log: Path) -> None:
         out = open(log, "ab")  # noqa: SIM115 - lives as long as the process

@@ -124,23 +124,6 @@ def test_layout_mismatch_reported_memory_untouched_others_complete(cluster: DevC
     assert job["status"]["phase"] == "Failed" and cond(job, "Failed")["reason"] == "LayoutMismatch"
 
 
-@pytest.mark.cluster(sources=1, targets=3, env={"FERRY_PULL_MAX_GBPS": "0.02"})
-def test_operator_restarted_mid_job_still_completes(cluster: DevCluster) -> None:
-    want = ready_source(cluster)
-    api = cluster.api()
-    create(api, cluster.namespace, "refitjobs",
-           refitjob("refit", strategy={"type": "tree", "maxFanOut": 1, "chunkBytes": 1 << 20}))
-    wait_for(lambda: get(api, "refitjobs", cluster.namespace, "refit").get("status", {}).get("targets"),
-             what="first assignment")
-    cluster.stop_operator(kill=True)
-    time.sleep(2)
-    cluster.start_operator()
-    job = finished(cluster, "refit", timeout=120)
-    assert job["status"]["phase"] == "Succeeded", job["status"]
-    for pod in targets(cluster):
-        assert cluster.weights_digest(pod) == want
-
-
 # 24 MiB at 0.004 GB/s: each pull would take ~6 s.
 @pytest.mark.cluster(sources=1, targets=2, env={"FERRY_PULL_MAX_GBPS": "0.004"})
 def test_deleting_a_running_job_cancels_it(cluster: DevCluster) -> None:
