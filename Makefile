@@ -43,6 +43,7 @@ lint: setup
 # Redraw docs/bench/*.png from the committed benchmark JSON (a test fails when stale).
 plots: setup
 	$(PY) docs/bench/plot.py
+	$(PY) docs/bench/fanout_plot.py
 
 unit: setup
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
