@@ -656,8 +656,12 @@ class Agent:
     def _track(self, tracker: Any) -> None:
         self._tracker = tracker
 
-    def relay_status(self) -> dict[str, Any]:
-        """Progress of the last single-buffer pull (RelayStatus RPC), plus our layout."""
+    def relay_status(self, after_bytes: int = 0, wait_s: float = 0.0) -> dict[str, Any]:
+        """Progress of the last single-buffer pull (RelayStatus RPC), plus our layout;
+        with `wait_s`, first wait until more than `after_bytes` of it landed."""
+        t = self._tracker
+        if wait_s > 0 and t is not None:
+            t.wait_beyond(after_bytes, min(wait_s, 1.0))
         with self._lock:
             info = self.version_info()
             t = self._tracker

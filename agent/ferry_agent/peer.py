@@ -60,8 +60,17 @@ class AgentClient:
     def version(self, timeout: float | None = None) -> Any:
         return self._call(self._stub.GetVersion, pb.VersionRequest(), timeout)
 
-    def relay_status(self, timeout: float | None = None) -> Any:
-        return self._call(self._stub.RelayStatus, pb.RelayStatusRequest(), timeout)
+    def relay_status(
+        self, timeout: float | None = None, *, after_bytes: int = -1, wait_s: float = 0.0
+    ) -> Any:
+        """The upstream's pull progress; with `wait_s`, answered once more than
+        `after_bytes` landed or the pull ended (long poll), at the latest after wait_s."""
+        req = pb.RelayStatusRequest(
+            after_bytes=max(after_bytes, 0), wait_ms=int(wait_s * 1e3) if after_bytes >= 0 else 0
+        )
+        if timeout is None and wait_s:
+            timeout = wait_s + 5.0
+        return self._call(self._stub.RelayStatus, req, timeout)
 
     def health(self) -> Any:
         return self._call(self._stub.Health, pb.HealthRequest())

@@ -27,9 +27,13 @@ if TYPE_CHECKING:
     from .agent import Agent, PullResult
     from .pull import PullOptions
 
-# How often a downstream link asks its upstream which ranges have landed. Each ask
-# is one small gRPC call (~0.3 ms here); 10 ms keeps a link one or two chunks behind.
+# How often a link asks its upstream whether it started pulling (once per link).
 RELAY_POLL_S = 0.01
+# While following, each RelayStatus is a long poll: the upstream answers as soon as
+# more bytes landed (or the pull ended), so a link learns of a chunk one call after
+# it lands instead of half a poll period later. The wait is bounded so the link
+# still looks at cancellation, progress and its deadline this often.
+RELAY_WAIT_S = 0.05
 
 
 # -- ranges (pure) -----------------------------------------------------------------
@@ -69,6 +73,7 @@ class PullTracker:
         self.epoch = 0  # our published epoch once Done
         self._members = members
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._landed: list[tuple[int, int, int]] = []
         self.bytes_done = 0
 
@@ -81,11 +86,20 @@ class PullTracker:
             self.bytes_done += sum(g.nbytes for g in segs)
             if len(self._landed) > 64:
                 self._landed = merge(self._landed)
+            self._changed.notify_all()
 
     def finish(self, ok: bool, epoch: int = 0) -> None:
         with self._lock:
             if self.state == "Pulling":
                 self.state, self.epoch = ("Done", epoch) if ok else ("Failed", 0)
+            self._changed.notify_all()
+
+    def wait_beyond(self, after_bytes: int, timeout: float) -> None:
+        """Block until more than `after_bytes` landed, the pull ended, or `timeout`."""
+        with self._lock:
+            self._changed.wait_for(
+                lambda: self.bytes_done > after_bytes or self.state != "Pulling", timeout
+            )
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -201,10 +215,12 @@ def _follow(
         watch = Watch(opts, tracker)
         todo = set(range(len(link.need)))
         seconds, rounds = 0.0, 0
+        seen = -1  # upstream bytes already looked at: the next ask waits for more
         while True:
             opts.check_cancel()
             opts.check_deadline(f"relay from {src.endpoint}: {len(todo)} READ groups left")
-            st = src.client.relay_status()
+            st = src.client.relay_status(after_bytes=seen, wait_s=RELAY_WAIT_S if seen >= 0 else 0)
+            seen = -1
             if st.pull_id != link.pull_id or st.state == "Failed":
                 raise RelayBroken(
                     f"upstream {src.endpoint} abandoned the pull we followed ({st.state})",
@@ -215,7 +231,7 @@ def _follow(
                 if not todo and st.state == "Done":
                     break
                 watch()
-                time.sleep(RELAY_POLL_S)
+                seen = int(st.bytes_done)
                 continue
             sub = Prepared(
                 entry.key,

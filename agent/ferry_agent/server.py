@@ -54,7 +54,7 @@ class AgentServicer(pb_grpc.FerryAgentServicer):
         )
 
     def RelayStatus(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        st = self.agent.relay_status()
+        st = self.agent.relay_status(request.after_bytes, request.wait_ms / 1e3)
         completed = [
             pb.ByteRange(slab=s, offset=o, nbytes=n) for s, o, n in st.pop("completed", [])
         ]

@@ -33,3 +33,25 @@ def test_tracker_records_landed_destination_ranges_and_terminal_state():
     t.finish(ok=False)  # the first outcome stands
     snap = t.snapshot()
     assert snap["completed"] == [(1, 4096, 8192)] and (snap["state"], snap["epoch"]) == ("Done", 6)
+
+
+def test_long_poll_wakes_when_bytes_land_or_the_pull_ends_and_times_out_otherwise():
+    import threading
+    import time
+
+    seg = Segment(0, 0, 0, 0, 0, 1 << 20)
+    t = PullTracker("v1", 2 << 20, {})
+    t0 = time.monotonic()
+    t.wait_beyond(0, 0.05)  # nothing lands: the full wait
+    assert time.monotonic() - t0 >= 0.045
+
+    threading.Timer(0.02, t.landed, args=([seg],)).start()
+    t0 = time.monotonic()
+    t.wait_beyond(0, 5.0)
+    assert t.bytes_done == 1 << 20 and time.monotonic() - t0 < 2.0
+
+    t.wait_beyond(0, 5.0)  # already beyond: returns at once
+    threading.Timer(0.02, t.finish, args=(True, 4)).start()
+    t0 = time.monotonic()
+    t.wait_beyond(t.bytes_done, 5.0)  # the pull ends: answered at once
+    assert t.state == "Done" and time.monotonic() - t0 < 2.0
