@@ -84,6 +84,15 @@ class RelayBroken(SourceStale):
     reason = "RelayBroken"
 
 
+class ManifestRejected(FerryError):
+    """A peer's manifest is malformed (a tensor outside its slab, sizes that do not
+    match dtype and shape, duplicate names, ...): nothing is read from that peer.
+
+    `problem` names the first offending tensor or slab."""
+
+    reason = "ManifestRejected"
+
+
 class Unauthenticated(FerryError):
     reason = "Unauthenticated"
 
@@ -106,6 +115,7 @@ _BY_REASON: dict[str, type[FerryError]] = {
         EngineNotQuiesced,
         Cancelled,
         RelayBroken,
+        ManifestRejected,
         Unauthenticated,
         NotDeclared,
     )

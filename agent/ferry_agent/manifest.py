@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .layout import ALIGNMENT, Placement
+from .errors import ManifestRejected
+from .layout import ALIGNMENT, DTYPE_SIZES, Placement
 from .proto import ferry_agent_pb2 as _pb
 from .slabs import SlabInfo
 
@@ -109,18 +111,45 @@ class Manifest:
         return man
 
     def validate(self) -> None:
-        """Reject manifests whose tensors fall outside their slabs (a peer is not trusted
-        to hand us descriptors; we only read inside the slabs it declared)."""
+        """Refuse a malformed manifest with ManifestRejected. A peer is not trusted to
+        hand us descriptors: every tensor must lie inside a slab it declared, with the
+        bytes its dtype and shape say (planners size READs from shapes), under a unique
+        name, without overlapping another; slabs must fit the 64-bit address space."""
         by_index = {s.index: s for s in self.slabs}
         if len(by_index) != len(self.slabs):
-            raise ValueError(f"manifest from {self.agent}: duplicate slab indexes")
+            self._reject("duplicate slab indexes")
+        if self.memory not in ("host", "cuda"):
+            self._reject(f"memory {self.memory!r} is neither host nor cuda")
+        if self.alignment <= 0 or self.alignment & (self.alignment - 1) or self.alignment > 1 << 30:
+            self._reject(f"alignment {self.alignment} is not a power of two up to 1 GiB")
         for s in self.slabs:
-            if s.memory not in ("DRAM", "VRAM"):
-                raise ValueError(f"manifest from {self.agent}: slab {s.index} memory {s.memory!r}")
+            if s.memory not in ("DRAM", "VRAM") or s.memory != self.slabs[0].memory:
+                self._reject(f"slab {s.index} memory {s.memory!r}")
+            if s.addr + s.nbytes > 1 << 64:
+                self._reject(f"slab {s.index} at {s.addr:#x} + {s.nbytes} passes the end of memory")
+        seen: set[str] = set()
         for t in self.tensors:
+            if not t.name or t.name in seen:
+                self._reject(f"tensor name {t.name!r} empty or repeated")
+            seen.add(t.name)
+            if t.dtype not in DTYPE_SIZES or any(d < 0 for d in t.shape):
+                self._reject(f"tensor {t.name}: dtype {t.dtype!r}, shape {list(t.shape)}")
+            if t.nbytes != math.prod(t.shape) * DTYPE_SIZES[t.dtype]:
+                self._reject(f"tensor {t.name}: {t.nbytes} bytes for {t.dtype} {list(t.shape)}")
             slab = by_index.get(t.slab)
             if slab is None or t.offset + t.nbytes > slab.nbytes:
-                raise ValueError(f"manifest from {self.agent}: tensor {t.name} outside its slab")
+                self._reject(f"tensor {t.name} outside its slab")
+        end: dict[int, tuple[int, str]] = {}
+        for t in sorted((t for t in self.tensors if t.nbytes), key=lambda t: (t.slab, t.offset)):
+            prev = end.get(t.slab)
+            if prev is not None and t.offset < prev[0]:
+                self._reject(f"tensors {prev[1]} and {t.name} overlap in slab {t.slab}")
+            end[t.slab] = (t.offset + t.nbytes, t.name)
+
+    def _reject(self, problem: str) -> None:
+        raise ManifestRejected(
+            f"manifest from {self.agent or 'a peer'}: {problem}", agent=self.agent, problem=problem
+        )
 
 
 def descriptor_arrays(
@@ -131,8 +160,8 @@ def descriptor_arrays(
     by_index = slabs if isinstance(slabs, dict) else {s.index: s for s in slabs}
     out = np.empty((len(segments_src), 3), dtype=np.uint64)
     for i, (slab, off, n) in enumerate(segments_src):
-        s = by_index[slab]
-        if off + n > s.nbytes:
-            raise ValueError(f"descriptor outside slab {slab}: {off}+{n} > {s.nbytes}")
+        s = by_index.get(slab)
+        if s is None or off < 0 or n < 0 or off + n > s.nbytes:
+            raise ValueError(f"descriptor outside slab {slab}: {off}+{n} > {s.nbytes if s else 0}")
         out[i] = (s.addr + off, n, s.device_id)
     return out

@@ -147,6 +147,9 @@ def plan_reshard(
             diffs.append(f"{t.name}: source shards differ in shape {sorted(shapes)}")
             continue
         sshape = shards[0].shape
+        if len(sshape) != len(t.shape) or dim >= len(sshape):  # e.g. a peer's scalar q_proj
+            diffs.append(f"{t.name}: {kind} split of {list(sshape)} cannot give {list(t.shape)}")
+            continue
         full = sshape[dim] * src_tp
         other_s = sshape[:dim] + sshape[dim + 1 :]
         other_t = t.shape[:dim] + t.shape[dim + 1 :]

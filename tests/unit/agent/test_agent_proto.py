@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from ferry_agent.errors import ManifestRejected
 from ferry_agent.layout import TensorSpec, plan_layout
 from ferry_agent.manifest import Manifest, descriptor_arrays
 from ferry_agent.proto import build
@@ -45,9 +46,9 @@ def test_manifest_round_trips_through_typed_protobuf():
 
 def test_manifest_with_a_tensor_outside_its_slab_is_refused():
     m = _manifest(slabs=(SlabInfo(0, 0x1000, 16, "DRAM", 0, ""),))
-    with pytest.raises(ValueError, match="outside its slab"):
+    with pytest.raises(ManifestRejected, match="outside its slab"):
         Manifest.from_proto(m.to_proto())
-    with pytest.raises(ValueError, match="memory"):
+    with pytest.raises(ManifestRejected, match="memory"):
         Manifest.from_proto(_manifest(slabs=(SlabInfo(0, 0x1000, 4096, "FILE", 0, ""),)).to_proto())
 
 
