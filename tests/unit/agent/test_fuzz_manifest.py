@@ -193,7 +193,7 @@ def assert_plain_plan_safe(ours: Layout, mans: list[Manifest], chunk_bytes: int)
     assert plan.bytes == ours.nbytes
 
 
-@fuzz_examples(300)
+@fuzz_examples(200)
 @given(case=plain_case())
 def test_malformed_manifest_gives_a_typed_error_or_an_in_bounds_plan(peer: RawPeer, case: Any) -> None:
     ours, sources, chunk_bytes = case
