@@ -28,6 +28,8 @@ mkdir -p "$CACHE_ROOT/envtest"
 WORK="$(mktemp -d "$CACHE_ROOT/envtest/build.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 export GOFLAGS=-mod=mod CGO_ENABLED=0
+# shellcheck source=hack/k8s-module.sh
+source "$(dirname "${BASH_SOURCE[0]}")/k8s-module.sh"
 
 build_etcd() {
   mkdir -p "$WORK/etcd" && cd "$WORK/etcd"
@@ -37,25 +39,8 @@ build_etcd() {
 }
 
 build_apiserver() {
-  mkdir -p "$WORK/k8s" && cd "$WORK/k8s"
-  go mod init ferry.dev/envtest-k8s >/dev/null 2>&1
-  # k8s.io/kubernetes points its staging modules at ./staging; replace each
-  # with the published module of the matching v0.X.Y version.
-  local staging="v0.${K8S_VERSION#v1.}"
-  local gomod
-  gomod="$(go mod download -json "k8s.io/kubernetes@${K8S_VERSION}" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')"
-  {
-    echo "require k8s.io/kubernetes ${K8S_VERSION}"
-    grep -oE '^\s*k8s\.io/[a-z0-9-]+ => \./staging/src/k8s\.io/[a-z0-9-]+' "$gomod" \
-      | awk -v v="$staging" '{print "replace " $1 " => " $1 " " v}'
-  } >> go.mod
-  go mod tidy >/dev/null 2>&1 || true
-  go get "k8s.io/kubernetes/cmd/kube-apiserver@${K8S_VERSION}" >&2
-  local minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
-  local pkg=k8s.io/component-base/version
-  go build -trimpath -o "$WORK/out/kube-apiserver" \
-    -ldflags "-s -w -X ${pkg}.gitVersion=${K8S_VERSION} -X ${pkg}.gitMajor=1 -X ${pkg}.gitMinor=${minor} -X ${pkg}.gitTreeState=clean" \
-    k8s.io/kubernetes/cmd/kube-apiserver >&2
+  k8s_main_module "$WORK/k8s" "$K8S_VERSION"
+  k8s_build "$K8S_VERSION" "$WORK/out" kube-apiserver
 }
 
 mkdir -p "$WORK/out"
