@@ -12,6 +12,12 @@ Three fan-out strategies (RefitJob.spec.strategy.type):
 A target that failed on a source is not given that source again while another
 exists (retry on another source); `parallel_sources` > 1 (direct only) stripes
 one target's pull across that many distinct sources.
+
+Tensor-parallel sources (each replica holds one rank's shard):
+- plan_per_rank: targets with the sources' layout pull only from replicas (and,
+  for tree and chain, finished targets) of their own rank; any strategy.
+- plan_reshard: a target with another TP size gets one replica of every source
+  rank, in rank order, to build its own shard from (direct only).
 """
 
 from __future__ import annotations
@@ -148,3 +154,41 @@ def _deeper(current: str | None, candidate: str, by_pod: dict[str, TargetState],
     if current is None:
         return candidate
     return max((current, candidate), key=lambda p: (_depth(p, by_pod, source_pods), p))
+
+
+def plan_per_rank(strategy: str, sources: dict[int, list[Peer]], targets: list[TargetState],
+                  ranks: dict[str, int], max_fan_out: int = 4, parallel_sources: int = 1) -> Plan:
+    """`plan` run separately for each rank: a target of rank r is served only by
+    sources of rank r (`ranks`: target pod -> rank; targets not in it are left out)."""
+    assign: dict[str, tuple[str, ...]] = {}
+    waiting: list[str] = []
+    exhausted: list[str] = []
+    for r in sorted(set(ranks.values())):
+        part = plan(strategy, sources.get(r, []), [t for t in targets if ranks.get(t.pod) == r],
+                    max_fan_out, parallel_sources)
+        assign |= part.assign
+        waiting += part.waiting
+        exhausted += part.exhausted
+    return Plan(assign, tuple(sorted(waiting)), tuple(sorted(exhausted)))
+
+
+def plan_reshard(sources: list[list[Peer]], targets: list[TargetState], max_fan_out: int = 4) -> Plan:
+    """Each Pending target gets one ready replica of every source rank (`sources[k]`:
+    the replicas of rank k), in rank order: same node first, then least loaded. A
+    target is assigned only when every rank has a replica with spare capacity."""
+    nodes = {p.pod: p.node for rank in sources for p in rank} | {t.pod: t.node for t in targets}
+    load = _load(targets)
+    assign: dict[str, tuple[str, ...]] = {}
+    waiting, exhausted = [], []
+    for target in sorted((t for t in targets if t.phase == "Pending"), key=lambda t: t.pod):
+        if not sources or not all(sources):
+            exhausted.append(target.pod)
+            continue
+        picked = [_pick(target, rank, load, nodes, max_fan_out, 1) for rank in sources]
+        if not all(picked):
+            waiting.append(target.pod)
+            continue
+        assign[target.pod] = tuple(p[0] for p in picked)
+        for p in picked:
+            load[p[0]] = load.get(p[0], 0) + 1
+    return Plan(assign, tuple(waiting), tuple(exhausted))

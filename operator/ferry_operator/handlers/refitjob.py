@@ -15,7 +15,8 @@ from typing import Any
 from ferry_api.refitjob import RefitJob, RefitJobSpec
 
 from ..conditions import Cond, is_true, set_conditions
-from ..planner import Peer, TargetState, plan
+from ..planner import Peer, TargetState
+from . import refit_transform
 
 KIND, PLURAL = RefitJob.KIND, RefitJob.PLURAL
 TERMINAL = ("Succeeded", "Failed")
@@ -24,13 +25,15 @@ TERMINAL = ("Succeeded", "Failed")
 @dataclass(frozen=True)
 class World:
     """What one reconcile read: the source object, the target pods (name -> node),
-    the pods whose agent Lease is fresh (or expired), and the clock."""
+    the pods whose agent Lease is fresh (or expired), the clock, and the target
+    pods' labels (their tensor-parallel rank, see refit_transform)."""
 
     source: dict[str, Any] | None
     targets: dict[str, str | None]
     live: set[str]
     now: datetime
     expired: set[str] = field(default_factory=set)  # pods whose agent Lease expired
+    labels: dict[str, dict[str, str]] = field(default_factory=dict)  # target pod -> labels
 
 
 @dataclass
@@ -98,8 +101,15 @@ def compute_status(spec: RefitJobSpec, status: dict[str, Any], generation: int, 
     phases = {p: target_phase(entries.get(p, {}), spec.backoff_limit, p in world.expired)
               for p in names}
     done = [p for p in names if phases[p] == "Done"]
+    # A target that cannot take part (no or a bad rank label) fails before any attempt.
+    ranks, unfit = refit_transform.target_ranks(spec, world.source,
+                                                {p: world.labels.get(p, {}) for p in world.targets})
+    for p, (why, detail) in unfit.items():
+        if phases.get(p) == "Pending":
+            phases[p] = "Failed"
+            entries[p] = {"pod": p, "phase": "Failed", "reason": why, "message": detail}
     failed = [p for p in names if phases[p] == "Failed"]
-    per_target = src_status.get("bytes") or 0
+    per_target = refit_transform.bytes_per_target(spec, world.source)
     bytes_done = sum(
         (entries[p].get("bytes") or 0) if phases[p] != "Done" else max(entries[p].get("bytes") or 0, per_target)
         for p in names if p in entries)
@@ -107,12 +117,18 @@ def compute_status(spec: RefitJobSpec, status: dict[str, Any], generation: int, 
     # Operator-owned part of each entry: keep every assignment made so far.
     own = {p: {"pod": p, "source": e["source"], "attempts": e["attempts"]}
            for p, e in entries.items() if e.get("attempts")}
+    own |= {p: entries[p] for p in unfit if p in entries and not entries[p].get("attempts")}
     assigned: dict[str, tuple[str, ...]] = {}
     conds: list[Cond]
     completion = status.get("completionTime")
 
+    refused = refit_transform.refusal(spec, world.source)
     if phase in TERMINAL:
         conds = _terminal_conditions(status)
+    elif refused is not None:
+        phase, completion = "Failed", _stamp(world.now)
+        conds = [Cond("Progressing", False, refused.reason, ""),
+                 Cond("Complete", False, refused.reason, ""), refused]
     elif world.now >= start + timedelta(seconds=spec.timeout_seconds):
         phase, completion = "Failed", _stamp(world.now)
         conds = [Cond("Progressing", False, "DeadlineExceeded", ""),
@@ -149,8 +165,8 @@ def compute_status(spec: RefitJobSpec, status: dict[str, Any], generation: int, 
     else:
         sources = ready_sources(world.source, version, world.live)
         states = [_state(p, entries.get(p, {}), phases[p], world.targets.get(p)) for p in names]
-        plan_ = plan(spec.strategy.type, sources, states, spec.strategy.max_fan_out,
-                     spec.strategy.parallel_sources)
+        plan_ = refit_transform.plan_targets(spec, world.source, version, world.live, states, ranks,
+                                             sources)
         for pod, upstream in plan_.assign.items():
             attempts = (entries.get(pod, {}).get("attempts") or 0) + 1
             own[pod] = {"pod": pod, "source": ",".join(upstream), "attempts": attempts}
