@@ -26,6 +26,7 @@ from ferry_api.weightsource import WeightSource
 
 from ..errors import Cancelled, FerryError
 from .reporter import Identity
+from .transforms import TransformPulls
 
 log = logging.getLogger(__name__)
 TERMINAL = ("Succeeded", "Failed")
@@ -72,6 +73,7 @@ class JobRunner:
         self._current: Attempt | None = None
         self._seen: dict[str, int] = {}  # job uid -> highest attempt started here
         self._thread: threading.Thread | None = None
+        self.pulls = TransformPulls(agent, ident, api)  # spec.transform: plain or reshard
 
     def start(self) -> JobRunner:
         self._thread = threading.Thread(target=self._loop, name="ferry-jobs", daemon=True)
@@ -84,6 +86,9 @@ class JobRunner:
             self._current.cancel.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        cur = self._current
+        if cur is None or not cur.thread.is_alive():
+            self.pulls.close()
 
     # -- watching ----------------------------------------------------------------
     def _loop(self) -> None:
@@ -150,7 +155,8 @@ class JobRunner:
             mode = pause.get("mode", "engine")
             progress.start()
             try:
-                result = self.agent.pull(
+                result = self.pulls.pull(
+                    spec,
                     endpoints,
                     version=status.get("version"),
                     timeout_s=max(1.0, deadline - time.monotonic()),

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..errors import LayoutMismatch
-from ..layout import ALIGNMENT, DTYPE_SIZES, Placement, align_up
+from ..layout import ALIGNMENT, DTYPE_SIZES, Placement, TensorSpec, align_up
 from ..planner import MAX_REPORTED, Segment
 
 COLUMN, ROW, REPLICATED = "column", "row", "replicated"
@@ -273,6 +273,42 @@ def segments(
             )
         else:
             out.append(s)
+    return out
+
+
+def target_specs(
+    sources: Sequence[Sequence[Placement]],
+    *,
+    target_tp: int,
+    rules: Sequence[tuple[str, str]] = DEFAULT_RULES,
+) -> list[TensorSpec]:
+    """The tensors of one target rank (every rank of `target_tp` has the same shapes),
+    from the source ranks' shards: what a target with no layout yet declares before
+    its first reshard pull. Order: source rank 0's (slab, offset) order.
+
+    Raises LayoutMismatch when a split dimension does not divide by `target_tp`."""
+    src_tp = len(sources)
+    diffs: list[str] = []
+    out: list[TensorSpec] = []
+    for p in sorted(sources[0], key=lambda p: (p.slab, p.offset)):
+        dim = _split_dim(rule_for(p.name, rules), len(p.shape))
+        if dim is None:
+            out.append(p.spec)
+            continue
+        full = p.shape[dim] * src_tp
+        if full % target_tp:
+            diffs.append(f"{p.name}: dim {dim} of {full} does not split over TP{target_tp}")
+            continue
+        shape = list(p.shape)
+        shape[dim] = full // target_tp
+        out.append(TensorSpec(p.name, p.dtype, tuple(shape)))
+    if diffs:
+        raise LayoutMismatch(
+            f"cannot reshard TP{src_tp} -> TP{target_tp}: {'; '.join(diffs[:MAX_REPORTED])}",
+            differences=diffs[:MAX_REPORTED],
+            count=len(diffs),
+            source=f"TP{src_tp}",
+        )
     return out
 
 

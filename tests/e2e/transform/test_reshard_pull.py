@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import secrets
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from reshard_sim import direct_load, full_weights, model, shard_specs  # noqa: E
 
 from ferry_agent.agent import Agent, AgentConfig  # noqa: E402
 from ferry_agent.client import EngineClient  # noqa: E402
+from ferry_agent.errors import Cancelled  # noqa: E402
 from ferry_agent.procs import spawn_agent  # noqa: E402
 from ferry_agent.transform.reshard_pull import ReshardPuller  # noqa: E402
 
@@ -137,4 +139,75 @@ def test_tp1_to_tp2_each_rank_gets_its_shard(tmp_path, memory):
             p.close()
         for t in targets:
             t.close()
+        src.close()
+
+
+def _engine(socket: str, events: list, stop) -> None:
+    """An engine that acknowledges every pause and records how each refit ended."""
+    with EngineClient.connect(socket) as c:
+        c.subscribe()
+        while not stop.is_set():
+            refit = c.wait_refit(timeout=0.02)
+            if refit is not None:
+                refit.ack()
+                events.append(("paused", refit.version))
+                events.append(("resumed", *refit.wait_done(timeout=60)))
+
+
+def _until(fn, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not fn():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_fresh_target_adopts_its_shard_pauses_the_engine_and_reports_progress(tmp_path):
+    import threading
+
+    token = tmp_path / "token"
+    token.write_text(secrets.token_hex(16))
+    src = Sources(tmp_path, token, 2, "host")
+    cfg = AgentConfig(pod="tgt", token=token.read_text(), grpc_host="127.0.0.1", memory="host",
+                      slab_bytes=1 << 20, control_socket=str(tmp_path / "tgt.sock"))
+    dst = Agent(cfg).start()
+    puller = ReshardPuller(dst, target_rank=0, target_tp=1)
+    events: list = []
+    stop = threading.Event()
+    engine = threading.Thread(target=_engine, args=(cfg.control_socket, events, stop), daemon=True)
+    try:
+        shapes = model()
+        full = full_weights(shapes, seed=7)
+        src.load(shapes, full, "v1")
+        engine.start()
+        time.sleep(0.3)  # the engine subscribed
+        seen: list[int] = []
+        res = puller.pull(src.endpoints, timeout_s=120, quiesce=True, chunk_bytes=1 << 16,
+                          progress=seen.append)
+        _check(dst, full, 0, 1)  # no layout before: it declared exactly the TP1 shapes
+        _until(lambda: len(events) == 2)
+        assert events == [("paused", "v1"), ("resumed", "v1", True)]
+        assert seen and seen == sorted(seen) and seen[-1] == res.bytes
+        assert res.stats["registrations"] >= 1
+
+        # A slow pull, cancelled: READs aborted, no version served, engine resumed ok=False.
+        src.load(shapes, full_weights(shapes, seed=8), "v2")
+        cancel = threading.Event()
+        threading.Timer(0.4, cancel.set).start()
+        t0 = time.monotonic()
+        with pytest.raises(Cancelled):
+            puller.pull(src.endpoints, timeout_s=120, quiesce=True, chunk_bytes=1 << 16,
+                        cancel=cancel, max_gbps=0.0005)
+        assert time.monotonic() - t0 < 2.0, "cancel must land within a check interval or two"
+        assert dst.version_info()["version"] == ""
+        _until(lambda: len(events) == 4)
+        assert events[2:] == [("paused", "v2"), ("resumed", "v2", False)]
+        # and the next cycle (plan reused) still equals a fresh load
+        res = puller.pull(src.endpoints, timeout_s=120, quiesce=True, chunk_bytes=1 << 16)
+        assert not res.replanned and res.version == "v2"
+        _check(dst, full_weights(shapes, seed=8), 0, 1)
+    finally:
+        stop.set()
+        engine.join(5)
+        puller.close()
+        dst.close()
         src.close()
