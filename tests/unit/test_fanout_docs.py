@@ -28,7 +28,7 @@ def fanout_plot() -> ModuleType:
 
 
 def test_gpu_parameters_are_the_committed_measurements() -> None:
-    c = json.loads((BENCH / "transfer-cuda-20261122c-h200x2.json").read_text())
+    c = json.loads((BENCH / "transfer-cuda-20261122d-h200x2.json").read_text())
     assert GPU.nvlink_GBps == c["read_GBps"]
     assert GPU.per_pull_s == pytest.approx(c["warm_s"] - c["warm_read_s"])
     a = json.loads((BENCH / "transfer-cuda-20261122-h200x2.json").read_text())

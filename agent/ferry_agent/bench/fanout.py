@@ -12,7 +12,7 @@ the start and again whenever a target finishes. What the model adds is time:
 - chain: the planner's chains are independent (each GPU sends to at most one
   downstream and every GPU has its own NIC), so each chain is timed chunk by chunk:
   a relay link can READ chunk k once its upstream landed it and it noticed
-  (`relay_lag_s`: half the relay poll interval plus one RelayStatus call), and it
+  (`relay_lag_s`: one RelayStatus long-poll answer, see relay.RELAY_WAIT_S), and it
   finishes once its upstream finished and it landed every chunk.
 
 Every parameter and where it came from is in `SOURCES` and in the JSON printed.
@@ -33,7 +33,7 @@ import numpy as np
 from ferry_api.refitjob import Strategy
 from ferry_operator.planner import Peer, TargetState, plan
 
-from ..relay import RELAY_POLL_S
+from ..relay import RELAY_WAIT_S
 
 STRATEGIES = ("direct", "tree", "chain")
 _CRD = Strategy()
@@ -62,24 +62,26 @@ RELAY_RPC_S = 0.0003  # one RelayStatus call, measured on the 2-core VM (relay.p
 NIC_EFFICIENCY = 0.9  # assumed RDMA READ payload share of line rate; no NIC was measured
 GPU = Params(
     nic_GBps=NIC_LINE_GBps * NIC_EFFICIENCY,
-    nvlink_GBps=387.955,
-    per_pull_s=0.02278 - 0.02214,
+    nvlink_GBps=389.246,
+    per_pull_s=0.02243 - 0.02207,
     per_descriptor_s=3.17e-6,
-    relay_lag_s=RELAY_POLL_S / 2 + RELAY_RPC_S,
+    relay_lag_s=RELAY_RPC_S,
 )
+# Before RelayStatus became a long poll (a caught-up relay slept 10 ms between asks).
+POLLING_RELAY_LAG_S = 0.01 / 2 + RELAY_RPC_S
 SOURCES = {
     "nic_GBps": f"stated: 400 Gb/s per GPU NIC = {NIC_LINE_GBps} GB/s x {NIC_EFFICIENCY} "
     "assumed RDMA READ efficiency (not measured: the lent machines have no NICs between GPUs)",
-    "nvlink_GBps": "measured: read_GBps of docs/bench/transfer-cuda-20261122c-h200x2.json "
+    "nvlink_GBps": "measured: read_GBps of docs/bench/transfer-cuda-20261122d-h200x2.json "
     "(NIXL READ GPU0->GPU1, H200 NV18, 8 descriptors of 1 GiB); taken as each GPU's "
     "egress/ingress, so several NVLink flows from one GPU share it",
-    "per_pull_s": "measured: warm_s - warm_read_s of transfer-cuda-20261122c-h200x2.json "
+    "per_pull_s": "measured: warm_s - warm_read_s of transfer-cuda-20261122d-h200x2.json "
     "(header fences, plan, publish of a warm refit cycle)",
     "per_descriptor_s": "measured: least-squares slope of warm_read_s over descriptors "
     "(1, 8, 32, 128) in transfer-cuda-20261122-h200x2.json and its chunk sweep",
-    "relay_lag_s": "code + measured: RELAY_POLL_S/2 (agent/ferry_agent/relay.py, a relay that "
-    "caught up sleeps this long between RelayStatus calls) + 0.3 ms per RelayStatus call "
-    "(measured on the 2-core VM, relay.py)",
+    "relay_lag_s": "code + measured: one RelayStatus call, 0.3 ms (measured on the 2-core VM); "
+    f"a caught-up relay long-polls its upstream (agent/ferry_agent/relay.py, up to "
+    f"RELAY_WAIT_S = {RELAY_WAIT_S} s), which answers as soon as a READ lands",
     "chunk_bytes": "CRD default: RefitJob spec.strategy.chunkBytes",
     "max_fan_out": "CRD default: RefitJob spec.strategy.maxFanOut",
     "parallel_sources": "CRD default: RefitJob spec.strategy.parallelSources",
@@ -421,12 +423,12 @@ def cmd_fanout(args: argparse.Namespace) -> int:
         relay_lag_s=args.relay_lag_s,
     )
     result = sweep(args.targets, args.gb, args.sources, p)
-    # What an event-driven RelayStatus (a relay told at once, not polling every
-    # RELAY_POLL_S) would give: the lag becomes one call.
-    fast = replace(p, relay_lag_s=RELAY_RPC_S)
-    result["what_if_relay_lag_is_one_call"] = {
-        "relay_lag_s": fast.relay_lag_s,
-        "scenarios": sweep(args.targets, args.gb, args.sources, fast, ("chain",))["scenarios"],
+    # For comparison: the relay before RelayStatus became a long poll (it slept
+    # 10 ms between asks once caught up, so each link lagged ~5 ms more).
+    slow = replace(p, relay_lag_s=POLLING_RELAY_LAG_S)
+    result["polling_relay_for_comparison"] = {
+        "relay_lag_s": slow.relay_lag_s,
+        "scenarios": sweep(args.targets, args.gb, args.sources, slow, ("chain",))["scenarios"],
     }
     print(json.dumps(result, indent=None if args.json else 2))
     if args.out:

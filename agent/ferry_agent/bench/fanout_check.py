@@ -12,7 +12,8 @@ only (never from the multi-target runs it is checked against):
 - copy bandwidth: one unpaced pull into a fresh agent (bytes / its READ seconds);
 - per-pull cost: the median wall time of paced single pulls into fresh agents minus
   the model's data time for them, so the model reproduces k = 1 by construction;
-- relay lag: RELAY_POLL_S / 2 plus the median time of a RelayStatus call.
+- relay lag: the median time of a RelayStatus call (a caught-up relay long-polls
+  its upstream, which answers as soon as a READ lands).
 Every pod is its own "node" here (one host, one kind of link).
 
     python -m ferry_agent.bench.fanout_check --mib 96 --gbps 0.05 --json out.json
@@ -42,7 +43,6 @@ from ..client import EngineClient
 from ..layout import TensorSpec
 from ..peer import AgentClient
 from ..procs import AgentProcess, spawn_agent
-from ..relay import RELAY_POLL_S
 from .chain import _digest, _fill
 from .fanout import Params, chunks, fleet, predict
 
@@ -145,7 +145,7 @@ def calibrate(
         nvlink_GBps=copy,
         per_pull_s=max(0.0, paced_wall_s - data),
         per_descriptor_s=0.0,
-        relay_lag_s=RELAY_POLL_S / 2 + rpc_s,
+        relay_lag_s=rpc_s,
         chunk_bytes=chunk,
         max_fan_out=max_fan_out,
         gpus_per_node=1,
