@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,21 +74,38 @@ def _chain_once(rpcs: list[AgentClient], ups: list[str], gbps: float) -> list[fl
     return ends
 
 
+@dataclass
+class Setup:
+    """A work folder with a token, a `mib` MiB weight set (16 bf16 tensors) and the
+    `ferry agent run` arguments for agents that move it in `chunk_mib` chunks."""
+
+    work: Path
+    token: Path
+    specs: list[TensorSpec]
+    nbytes: int
+    args: list[str]
+
+    @classmethod
+    def make(cls, prefix: str, mib: int, chunk_mib: int) -> Setup:
+        work = Path(tempfile.mkdtemp(prefix=prefix))
+        token = work / "token"
+        token.write_text(os.urandom(16).hex())
+        specs = [TensorSpec(f"layers.{i}.w", "bfloat16", (mib * 512, 64)) for i in range(16)]
+        args = ["--slab-bytes", f"{max(64, mib // 2)}Mi", "--chunk-bytes", f"{chunk_mib}Mi"]
+        args += ["--log-level", "WARNING"]
+        return cls(work, token, specs, sum(s.nbytes for s in specs), args)
+
+
 def run(mib: int, gbps: float, targets: int, repeats: int, chunk_mib: int) -> dict[str, Any]:
-    work = Path(tempfile.mkdtemp(prefix="ferry-chain-"))
-    token = work / "token"
-    token.write_text(os.urandom(16).hex())
+    setup = Setup.make("ferry-chain-", mib, chunk_mib)
+    work, token, specs, nbytes, args = (
+        setup.work,
+        setup.token,
+        setup.specs,
+        setup.nbytes,
+        setup.args,
+    )
     tok = token.read_text()
-    specs = [TensorSpec(f"layers.{i}.w", "bfloat16", (mib * 512, 64)) for i in range(16)]
-    nbytes = sum(s.nbytes for s in specs)
-    args = [
-        "--slab-bytes",
-        f"{max(64, mib // 2)}Mi",
-        "--chunk-bytes",
-        f"{chunk_mib}Mi",
-        "--log-level",
-        "WARNING",
-    ]
     procs: list[AgentProcess] = []
     clients: list[Any] = []
 

@@ -30,7 +30,6 @@ import queue
 import shutil
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, replace
@@ -40,10 +39,9 @@ from typing import Any
 from ferry_operator.planner import plan
 
 from ..client import EngineClient
-from ..layout import TensorSpec
 from ..peer import AgentClient
 from ..procs import AgentProcess, spawn_agent
-from .chain import _digest, _fill
+from .chain import Setup, _digest, _fill
 from .fanout import Params, chunks, fleet, predict
 
 
@@ -162,19 +160,14 @@ def run(
     max_fan_out: int,
     strategies: list[str],
 ) -> dict[str, Any]:
-    work = Path(tempfile.mkdtemp(prefix="ferry-fanout-"))
-    token = work / "token"
-    token.write_text(os.urandom(16).hex())
-    specs = [TensorSpec(f"layers.{i}.w", "bfloat16", (mib * 512, 64)) for i in range(16)]
-    nbytes = sum(s.nbytes for s in specs)
-    args = [
-        "--slab-bytes",
-        f"{max(64, mib // 2)}Mi",
-        "--chunk-bytes",
-        f"{chunk_mib}Mi",
-        "--log-level",
-        "WARNING",
-    ]
+    setup = Setup.make("ferry-fanout-", mib, chunk_mib)
+    work, token, specs, nbytes, args = (
+        setup.work,
+        setup.token,
+        setup.specs,
+        setup.nbytes,
+        setup.args,
+    )
     load0 = os.getloadavg()
     base = _Run(work, token, args)
     try:
