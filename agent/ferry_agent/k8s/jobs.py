@@ -124,7 +124,24 @@ class JobRunner:
                     cur.cancel.set()  # job deleted or failed, or re-assigned under us
                 continue
             attempts = entry.get("attempts") or 0
-            done = max(self._seen.get(meta["uid"], 0), entry.get("observedAttempt") or 0)
+            observed = entry.get("observedAttempt") or 0
+            if (entry.get("phase") == "Pulling" and observed == attempts
+                    and self._seen.get(meta["uid"], 0) < observed
+                    and status.get("phase") not in TERMINAL):
+                # A previous run of this agent (killed or restarted) took this attempt:
+                # nobody pulls it now. Fail it, so that the operator retries it and a
+                # deleted job's finalizer is not held for a pull that cannot end.
+                self._seen[meta["uid"]] = observed
+                log.warning("refit %s attempt %d was left by a previous run of this agent",
+                            meta["name"], observed)
+                self._fail(
+                    meta["name"],
+                    {"observedAttempt": observed, "endpoint": self.ident.endpoint},
+                    "AgentRestarted",
+                    "the agent restarted during this attempt; its slabs hold no version",
+                )
+                continue
+            done = max(self._seen.get(meta["uid"], 0), observed)
             if over or attempts <= done or cur is not None:
                 continue
             self._seen[meta["uid"]] = attempts
