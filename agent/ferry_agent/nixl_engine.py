@@ -156,6 +156,12 @@ class _ReadState:
             self.on_complete(entry, i)
 
 
+def _from_nixl(exc: BaseException) -> bool:
+    """An error raised by NIXL's bindings (nixlRemoteDisconnectError, nixlBackendError...):
+    callers get TransferFailed instead, as this interface promises."""
+    return type(exc).__module__.startswith("nixl")
+
+
 class NixlEngine:
     def __init__(
         self,
@@ -371,17 +377,22 @@ class NixlEngine:
         lane, h = entry[1], entry[4]
         agent, lock = self._agents[lane], self._lane_locks[lane]
         end = time.monotonic() + timeout_s
-        with lock:
-            state = agent.transfer(h)
-        while state == "PROC":
-            if time.monotonic() > end:
-                with self._lock:
-                    self._leaked.append((lane, h))
-                    self._headers.pop(peer, None)
-                raise TransferTimeout(f"version header READ from {peer} timed out", peer=peer)
-            time.sleep(0)
+        try:
             with lock:
-                state = agent.check_xfer_state(h)
+                state = agent.transfer(h)
+            while state == "PROC":
+                if time.monotonic() > end:
+                    with self._lock:
+                        self._leaked.append((lane, h))
+                        self._headers.pop(peer, None)
+                    raise TransferTimeout(f"version header READ from {peer} timed out", peer=peer)
+                time.sleep(0)
+                with lock:
+                    state = agent.check_xfer_state(h)
+        except Exception as exc:
+            if not _from_nixl(exc):
+                raise
+            state = "ERR"  # e.g. nixlRemoteDisconnectError: the peer is gone
         if state != "DONE":
             with self._lock:
                 self._release_header(peer)
@@ -539,6 +550,7 @@ class NixlEngine:
     ) -> None:
         agent, lock = self._agents[lane], self._lane_locks[lane]
         inflight: list[tuple[Prepared, int]] = []
+        peer = ""  # of the NIXL call in progress, for the error
         try:
             if init_error is not None:
                 raise init_error
@@ -548,6 +560,7 @@ class NixlEngine:
                     if item is None:
                         break
                     entry, i = item
+                    peer = entry.peer
                     with lock:
                         state = agent.transfer(entry.handles[i][1])
                     if state == "ERR":
@@ -562,6 +575,7 @@ class NixlEngine:
                     return
                 still = []
                 for entry, i in inflight:
+                    peer = entry.peer
                     with lock:
                         state = agent.check_xfer_state(entry.handles[i][1])
                     if state == "ERR":
@@ -574,6 +588,8 @@ class NixlEngine:
                 if inflight:
                     time.sleep(POLL_INTERVAL_S)
         except BaseException as exc:  # handed to the caller's thread
+            if _from_nixl(exc):  # e.g. nixlRemoteDisconnectError: a source died mid-READ
+                exc = TransferFailed(f"NIXL READ from {peer} failed: {exc!r}", peer=peer)
             st.error = exc
             st.abort = True
         finally:
