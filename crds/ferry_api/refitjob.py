@@ -100,6 +100,27 @@ class Pause(ApiModel):
 
 
 class RefitJobSpec(ApiModel):
+    # A reshard target builds its own shard from one replica of every source rank: no
+    # relays (tree, chain), and it writes the active slabs (no double buffer).
+    RULES = (
+        Rule(
+            cel="self.transform.type != 'reshard' || self.strategy.type == 'direct'",
+            message="spec.transform.type reshard needs spec.strategy.type direct: each target builds "
+            "its own shard from every source rank, so targets cannot relay (tree, chain); set "
+            "strategy.type: direct",
+            holds=lambda s: s.transform.type != "reshard" or s.strategy.type == "direct",
+            field_path=".strategy.type",
+        ),
+        Rule(
+            cel="self.transform.type != 'reshard' || self.pause.mode != 'doubleBuffer'",
+            message="spec.transform.type reshard cannot use spec.pause.mode doubleBuffer (the reshard "
+            "writes the slabs the engine maps); set pause.mode: engine, or none for targets that "
+            "are not serving",
+            holds=lambda s: s.transform.type != "reshard" or s.pause.mode != "doubleBuffer",
+            field_path=".pause.mode",
+        ),
+    )
+
     source_ref: LocalObjectReference = Field(
         description="The WeightSource to copy from (same namespace).",
         json_schema_extra=k8s(immutable="spec.sourceRef is immutable; create a new RefitJob"),

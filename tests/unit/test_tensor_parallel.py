@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 from datetime import UTC, datetime
 
+import pytest
+
 from ferry_api.refitjob import RefitJobSpec
 from ferry_api.weightsource import WeightSourceSpec
 from ferry_operator.handlers import weightsource
@@ -183,9 +185,17 @@ def test_fp8_block_needs_a_quantized_source() -> None:
 
 
 def test_reshard_refuses_relay_strategies_and_double_buffer() -> None:
+    from pydantic import ValidationError
+
+    from ferry_operator.handlers.refit_transform import refusal
+
     for kw, reason, fix in (({"strategy": {"type": "chain"}}, "UnsupportedStrategy", "strategy.type: direct"),
                             ({"pause": {"mode": "doubleBuffer"}}, "UnsupportedPauseMode", "pause.mode: engine")):
-        d = compute_status(rj(transform={"type": "reshard", "targetTensorParallelSize": 1}, **kw), {}, 1,
-                           job_world(tp_source(2), {"t0": None}))
-        failed = cond(d.status, "Failed")
-        assert failed["reason"] == reason and fix in failed["message"] and d.status["phase"] == "Failed"
+        body = {"transform": {"type": "reshard", "targetTensorParallelSize": 1}, **kw}
+        with pytest.raises(ValidationError, match=fix):  # the CRD's CEL rule says the same
+            rj(**body)
+        # An object admitted before the rule existed still fails fast, naming the fix.
+        (field, value), = kw.items()
+        unchecked = rj(transform=body["transform"]).model_copy(update={field: getattr(rj(**kw), field)})
+        failed = refusal(unchecked, tp_source(2))
+        assert failed is not None and failed.reason == reason and fix in failed.message
