@@ -5,6 +5,10 @@ Always, so it starts before the engine, keeps running beside it, and stops
 after it. It shares with every app container:
 - /dev/shm (host-memory slabs are POSIX shared memory the engine maps), and
 - /var/run/ferry (the Unix socket the engine's client library talks to).
+
+A pod carrying the tensor-parallel rank label of a WeightSource that selects it
+(spec.layout.rankLabel, `ferry.dev/tp-rank` by default) gets FERRY_TP_RANK from
+that label through the downward API; its agent reports it as its `rank`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ SOCKET_DIR = "/var/run/ferry"
 TOKEN_DIR = "/etc/ferry/token"
 TRUST_DIR = "/etc/ferry/trust"
 PRIVATE_KEY = "ed25519.key"
+DEFAULT_RANK_LABEL = "ferry.dev/tp-rank"
 GRPC_PORT = 50051
 METRICS_PORT = 9400
 
@@ -107,7 +112,7 @@ def trust_volume(m: TrustMount) -> dict[str, Any]:
 
 
 def inject(pod_spec: dict[str, Any], s: InjectSettings,
-           trust: list[TrustMount] | None = None) -> dict[str, Any] | None:
+           trust: list[TrustMount] | None = None, rank_label: str | None = None) -> dict[str, Any] | None:
     """The pod spec with the sidecar added, or None when it is already there (idempotent)."""
     if any(c.get("name") == AGENT_NAME for c in pod_spec.get("initContainers") or []):
         return None
@@ -134,6 +139,8 @@ def inject(pod_spec: dict[str, Any], s: InjectSettings,
             env.append({"name": "FERRY_AGENT_SOCKET", "value": f"{SOCKET_DIR}/agent.sock"})
     agent = agent_container(s)
     agent["env"].append({"name": "FERRY_TRUST_DIR", "value": TRUST_DIR})
+    if rank_label:
+        agent["env"].append(_field_env("FERRY_TP_RANK", f"metadata.labels['{rank_label}']"))
     for m in sorted(trust or [], key=lambda m: m.secret):
         vol = trust_volume(m)
         if vol["name"] not in have:
@@ -161,3 +168,15 @@ def trust_mounts(pod_labels: dict[str, str], caches: list[dict[str, Any]],
         prev = out.get(name)
         out[name] = TrustMount(name, key, signer or bool(prev and prev.signer))
     return list(out.values())
+
+
+def rank_label(pod_labels: dict[str, str], sources: list[dict[str, Any]], matches: Any) -> str | None:
+    """The rank label this pod carries: the spec.layout.rankLabel of the first
+    WeightSource (by name) that selects it and whose label it has, else the default
+    label if present; None when it carries none (FERRY_TP_RANK is then not set)."""
+    for ws in sorted(sources, key=lambda w: (w.get("metadata") or {}).get("name", "")):
+        spec = ws.get("spec") or {}
+        label = (spec.get("layout") or {}).get("rankLabel") or DEFAULT_RANK_LABEL
+        if label in pod_labels and matches(spec.get("selector") or {}, pod_labels):
+            return label
+    return DEFAULT_RANK_LABEL if DEFAULT_RANK_LABEL in pod_labels else None

@@ -109,7 +109,9 @@ if WEBHOOK_PORT:
 
         caches = kube.list_objects("artifactcaches", namespace) if namespace else []
         trust = injection.trust_mounts(dict(labels), caches, selector_matches)
-        new = injection.inject(dict(spec), INJECT, trust)
+        sources = kube.list_objects("weightsources", namespace) if namespace else []
+        rank_label = injection.rank_label(dict(labels), sources, selector_matches)
+        new = injection.inject(dict(spec), INJECT, trust, rank_label)
         if new is not None:
             for key in ("initContainers", "containers", "volumes"):
                 patch.spec[key] = new[key]

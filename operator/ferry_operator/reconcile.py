@@ -7,6 +7,7 @@ on what is read now.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -21,13 +22,19 @@ from ferry_api.weightsource import WeightSource, WeightSourceSpec
 
 from . import kube, metrics
 from .conditions import Cond, set_conditions, transitions
-from .handlers import artifactcache, refitjob, weightsource
+from .handlers import artifactcache, refit_transform, refitjob, weightsource
 
 
 def _pods(namespace: str, selector: str) -> dict[str, str | None]:
     """Selected pods that are not being deleted: name -> node."""
     return {p.metadata.name: p.spec.node_name for p in kube.list_pods(namespace, selector)
             if p.metadata.deletion_timestamp is None}
+
+
+def _pod_labels(namespace: str, selector: str) -> dict[str, dict[str, str]]:
+    """Selected pods' labels (name -> labels), read as plain JSON."""
+    raw = kube.core().list_namespaced_pod(namespace, label_selector=selector, _preload_content=False)
+    return {p["metadata"]["name"]: p["metadata"].get("labels") or {} for p in json.loads(raw.data)["items"]}
 
 
 def _pod_names(namespace: str, selector: str) -> list[str]:
@@ -93,12 +100,16 @@ def refitjob_(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
 
     def compute(spec: RefitJobSpec, status: dict, generation: int) -> dict:
         live, expired = kube.agent_leases(ns, now())
+        source = kube.get_object(WeightSource.PLURAL, ns, spec.source_ref.name)
         world = refitjob.World(
-            source=kube.get_object(WeightSource.PLURAL, ns, spec.source_ref.name),
+            source=source,
             targets=_pods(ns, spec.targets.to_label_selector()),
             live=live,
             now=now(),
             expired=expired,
+            # Target ranks (pod labels) matter only for a TP source or a reshard.
+            labels=_pod_labels(ns, spec.targets.to_label_selector())
+            if refit_transform.needs_ranks(spec, source) else {},
         )
         decision["d"] = refitjob.compute_status(spec, status, generation, world)
         return decision["d"].status

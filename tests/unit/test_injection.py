@@ -68,3 +68,21 @@ def test_trust_secrets_mounted_signing_key_only_for_sources() -> None:
     mounts = {m["mountPath"] for m in spec["initContainers"][0]["volumeMounts"]}
     assert "/etc/ferry/trust/sig" in mounts
     assert trust_mounts({"other": "x"}, caches, _matches) == []
+
+
+def test_tp_rank_comes_from_the_sources_rank_label_through_the_downward_api() -> None:
+    from ferry_api.meta import selector_matches
+    from ferry_operator.injection import rank_label
+
+    sources = [{"metadata": {"name": "b"}, "spec": {"selector": {"matchLabels": {"app": "x"}},
+                                                    "layout": {"rankLabel": "example.com/rank"}}},
+               {"metadata": {"name": "other"}, "spec": {"selector": {"matchLabels": {"app": "y"}},
+                                                        "layout": {"rankLabel": "y.io/rank"}}}]
+    labels = {"app": "x", "example.com/rank": "1", "y.io/rank": "0"}
+    assert rank_label(labels, sources, selector_matches) == "example.com/rank"
+    assert rank_label({"app": "x"}, sources, selector_matches) is None
+    assert rank_label({"app": "z", "ferry.dev/tp-rank": "0"}, sources, selector_matches) == "ferry.dev/tp-rank"
+    agent = inject(POD, InjectSettings(), rank_label="example.com/rank")["initContainers"][0]
+    env = {e["name"]: e for e in agent["env"]}
+    assert env["FERRY_TP_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['example.com/rank']"
+    assert "FERRY_TP_RANK" not in {e["name"] for e in inject(POD, InjectSettings())["initContainers"][0]["env"]}

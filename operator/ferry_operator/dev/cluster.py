@@ -153,7 +153,7 @@ class DevCluster:
                "FERRY_CACHE_DIRS": ";".join(f"{k}={adir / 'cache' / k}" for k in CACHE_KINDS),
                "FERRY_ARTIFACT_STORE": str(adir / "store"),
                "FERRY_TRUST_DIR": str(self.workdir / "trust"),
-               **self.env}
+               **self.label_env(pod), **self.env}
         log = adir / "agent.log"
         proc = subprocess.Popen(
             [sys.executable, "-m", "ferry_api.cli", "agent", "run", "--memory", self.memory,
@@ -176,6 +176,23 @@ class DevCluster:
             return agent
 
         return finish() if wait else finish
+
+    def label_env(self, pod: str) -> dict[str, str]:
+        """What the kubelet gives the injected agent from the pod's labels through the
+        downward API (FERRY_TP_RANK from the rank label); without an injected agent,
+        FERRY_TP_RANK from the default rank label."""
+        obj = k8s_client.CoreV1Api(self.api()).read_namespaced_pod(pod, self.namespace)
+        labels = obj.metadata.labels or {}
+        agent = next((c for c in obj.spec.init_containers or [] if c.name == "ferry-agent"), None)
+        if agent is None:
+            rank = labels.get("ferry.dev/tp-rank")
+            return {} if rank is None else {"FERRY_TP_RANK": rank}
+        out = {}
+        for e in agent.env or []:
+            path = e.value_from.field_ref.field_path if e.value_from and e.value_from.field_ref else ""
+            if path.startswith("metadata.labels['") and path.endswith("']"):
+                out[e.name] = labels.get(path[len("metadata.labels['"):-2], "")
+        return out
 
     def stop_agent(self, pod: str, kill: bool = False) -> None:
         a = self.agents.pop(pod, None)

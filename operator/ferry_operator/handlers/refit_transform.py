@@ -81,6 +81,11 @@ def refusal(spec: RefitJobSpec, source: dict[str, Any] | None) -> Cond | None:
     return None
 
 
+def needs_ranks(spec: RefitJobSpec, source: dict[str, Any] | None) -> bool:
+    """Whether targets' ranks (their pod labels) matter: a TP source, or a reshard."""
+    return spec.transform.type == "reshard" or SourceLayout.of(source).tp > 1
+
+
 def target_ranks(spec: RefitJobSpec, source: dict[str, Any] | None,
                  labels: dict[str, dict[str, str]]) -> tuple[dict[str, int] | None, dict[str, tuple[str, str]]]:
     """Each target's tensor-parallel rank from its pod label, or None when ranks do not
@@ -89,7 +94,7 @@ def target_ranks(spec: RefitJobSpec, source: dict[str, Any] | None,
     layout = SourceLayout.of(source)
     reshard = spec.transform.type == "reshard"
     size = (spec.transform.target_tensor_parallel_size or 1) if reshard else layout.tp
-    if not reshard and layout.tp == 1:
+    if not needs_ranks(spec, source):
         return None, {}
     ranks: dict[str, int] = {}
     bad: dict[str, tuple[str, str]] = {}
