@@ -295,6 +295,9 @@ def target_specs(
         if dim is None:
             out.append(p.spec)
             continue
+        if dim >= len(p.shape):  # e.g. a peer's scalar q_proj
+            diffs.append(f"{p.name}: a {len(p.shape)}-d shard has no dim {dim} to split")
+            continue
         full = p.shape[dim] * src_tp
         if full % target_tp:
             diffs.append(f"{p.name}: dim {dim} of {full} does not split over TP{target_tp}")

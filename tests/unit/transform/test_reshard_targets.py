@@ -33,3 +33,12 @@ def test_a_split_that_does_not_divide_is_a_layout_mismatch() -> None:
     shapes = {"model.layers.0.mlp.up_proj.weight": ("bfloat16", (6, 4))}
     with pytest.raises(LayoutMismatch, match="up_proj"):
         target_specs(_sources(shapes, 1), target_tp=4)
+
+
+def test_a_scalar_column_parallel_shard_is_a_layout_mismatch():
+    from ferry_agent.layout import TensorSpec
+
+    spec = TensorSpec("model.layers.0.self_attn.q_proj.weight", "bfloat16", ())
+    shard = plan_layout([spec], 1 << 16).placements
+    with pytest.raises(LayoutMismatch, match="no dim 0"):
+        target_specs([shard, shard], target_tp=1)
