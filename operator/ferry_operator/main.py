@@ -89,6 +89,13 @@ def canary_seen(name: str, **_: Any) -> None:
         HEALTH.seen()
 
 
+def _ttl_pending(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
+    """A finished RefitJob is frozen: its resync only has work when ttlSecondsAfterFinished
+    must delete it (a running one has the progress timer). Without this, every finished
+    job kept reconciling, which starved the operator with hundreds of jobs."""
+    return status.get("phase") in TERMINAL and spec.get("ttlSecondsAfterFinished") is not None
+
+
 for _plural, _fn in (
     ("weightsources", reconcile.weightsource_),
     ("refitjobs", reconcile.refitjob_),
@@ -98,7 +105,8 @@ for _plural, _fn in (
     kopf.on.update(GROUP, VERSION, _plural, id="reconcile")(_fn)
     kopf.on.resume(GROUP, VERSION, _plural, id="reconcile")(_fn)
     _every = LEASE_CHECK_SECONDS if _plural == "weightsources" else RESYNC_SECONDS
-    kopf.timer(GROUP, VERSION, _plural, id="resync", interval=_every, initial_delay=_every)(_fn)
+    kopf.timer(GROUP, VERSION, _plural, id="resync", interval=_every, initial_delay=_every,
+               when=_ttl_pending if _plural == "refitjobs" else None)(_fn)
 
 
 if WEBHOOK_PORT:
