@@ -31,7 +31,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 1
     if workdir.exists():
         shutil.rmtree(workdir)
-    cluster = DevCluster(workdir, sources=args.sources, targets=args.targets, memory=args.memory)
+    cluster = DevCluster(workdir, sources=args.sources, targets=args.targets, memory=args.memory,
+                         kwok_nodes=args.gpu_nodes if args.kwok else 0)
     try:
         cluster.up()
         layout = demo_layout(args.tensors, args.bytes)
@@ -42,7 +43,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         cluster.down()
         raise
     assert cluster.cp is not None and cluster.operator is not None
-    pids = [p.pid for p in cluster.cp.procs] + [cluster.operator.proc.pid] + \
+    kwok = cluster.kwok.procs if cluster.kwok else []
+    pids = [p.pid for p in cluster.cp.procs] + [p.pid for p in kwok] + [cluster.operator.proc.pid] + \
         [a.proc.pid for a in cluster.agents.values()]
     state = {"kubeconfig": str(cluster.cp.kubeconfig), "pids": pids,
              "agents": {p: {"endpoint": a.endpoint, "socket": a.socket, "role": a.role}
@@ -89,6 +91,10 @@ def register(sub: Any) -> None:
     up.add_argument("--memory", choices=("host", "cuda"), default="host")
     up.add_argument("--tensors", type=int, default=120, help="tensors in the sources' weights")
     up.add_argument("--bytes", type=int, default=64 << 20, help="bytes of weights per source")
+    up.add_argument("--kwok", action="store_true",
+                    help="add kube-controller-manager, kube-scheduler and kwok with fake GPU nodes: "
+                         "pods asking for nvidia.com/gpu are scheduled onto them and run without containers")
+    up.add_argument("--gpu-nodes", type=int, default=125, help="fake 8-GPU nodes (with --kwok)")
     up.add_argument("--dir", default=str(DEFAULT_DIR))
     up.set_defaults(func=cmd_up)
     down = dsub.add_parser("down", help="stop everything `up` started")

@@ -23,6 +23,7 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
 from .controlplane import ControlPlane, free_port
+from .kwok import HARNESS_ANNOTATION, KWOK_NODE_ANNOTATION, Kwok
 from .operatorproc import OperatorProcess, start_operator
 
 NODE_PREFIX = "dev-node-"
@@ -51,7 +52,9 @@ class DevCluster:
     nodes: int = 2
     lease_seconds: int = 6
     renew_seconds: float = 1.0
+    kwok_nodes: int = 0  # >0: kube-controller-manager, kube-scheduler, kwok and this many fake GPU nodes
     cp: ControlPlane | None = None
+    kwok: Kwok | None = None
     operator: OperatorProcess | None = None
     agents: dict[str, AgentProc] = field(default_factory=dict)
     token_file: Path = Path()
@@ -62,6 +65,9 @@ class DevCluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.cp = ControlPlane(workdir=self.workdir / "controlplane").start()
         self.cp.install_crds()
+        if self.kwok_nodes:
+            self.kwok = Kwok(self.cp).start()
+            self.kwok.add_gpu_nodes("gpu-node-", self.kwok_nodes)
         self.token_file = self.workdir / "token"
         self.token_file.write_text(hashlib.sha256(os.urandom(32)).hexdigest())
         self.token_file.chmod(0o600)
@@ -74,9 +80,16 @@ class DevCluster:
             if sa.metadata.name == "default":
                 break
         else:
-            core.create_namespaced_service_account(self.namespace, {"metadata": {"name": "default"}})
+            try:
+                core.create_namespaced_service_account(self.namespace, {"metadata": {"name": "default"}})
+            except k8s_client.ApiException as exc:
+                if exc.status != 409:  # kube-controller-manager (with kwok) made it meanwhile
+                    raise
         for i in range(self.nodes):
-            core.create_node({"metadata": {"name": f"{NODE_PREFIX}{i}",
+            # With kwok these nodes are kept Ready by it too (so kube-controller-manager
+            # does not evict their pods); their pods' status stays the harness's.
+            annotations = {KWOK_NODE_ANNOTATION: "fake"} if self.kwok else {}
+            core.create_node({"metadata": {"name": f"{NODE_PREFIX}{i}", "annotations": annotations,
                                            "labels": {"kubernetes.io/hostname": f"{NODE_PREFIX}{i}"}}})
         # Agents start in parallel (each imports torch and NIXL): spawn all, then wait.
         pending = [self.add_pod(f"trainer-{i}", "source", {"app": "trainer"}, wait=False)
@@ -107,6 +120,8 @@ class DevCluster:
         for a in list(self.agents.values()):
             self.stop_agent(a.pod)
         self.stop_operator()
+        if self.kwok is not None:
+            self.kwok.stop()
         if self.cp is not None:
             self.cp.stop()
 
@@ -122,7 +137,8 @@ class DevCluster:
         core = k8s_client.CoreV1Api(self.api())
         node_name = f"{NODE_PREFIX}{(node if node is not None else len(self.agents)) % self.nodes}"
         core.create_namespaced_pod(self.namespace, {
-            "metadata": {"name": name, "labels": {**labels, "ferry.dev/inject": "true"}},
+            "metadata": {"name": name, "labels": {**labels, "ferry.dev/inject": "true"},
+                         "annotations": {HARNESS_ANNOTATION: "harness"}},
             "spec": {"nodeName": node_name,
                      "containers": [{"name": "engine", "image": "example.invalid/engine:dev"}]},
         })
