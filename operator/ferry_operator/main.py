@@ -11,7 +11,7 @@ import kopf
 
 from ferry_api import GROUP, VERSION
 
-from . import health, injection, metrics, reconcile
+from . import diffbase, health, injection, metrics, reconcile
 from .handlers.refitjob import TERMINAL
 
 RESYNC_SECONDS = float(os.environ.get("FERRY_RESYNC_SECONDS", "30"))
@@ -47,7 +47,7 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Keep kopf's bookkeeping in ferry.dev annotations, never in .status (the
     # schema prunes unknown status fields).
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+    settings.persistence.diffbase_storage = diffbase.SlimDiffBase(
         prefix=GROUP, key="last-handled-configuration")
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.posting.level = logging.INFO

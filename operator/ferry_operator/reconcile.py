@@ -27,8 +27,8 @@ from .handlers import artifactcache, refit_transform, refitjob, weightsource
 
 def _pods(namespace: str, selector: str) -> dict[str, str | None]:
     """Selected pods that are not being deleted: name -> node."""
-    return {p.metadata.name: p.spec.node_name for p in kube.list_pods(namespace, selector)
-            if p.metadata.deletion_timestamp is None}
+    return {p["metadata"]["name"]: p["spec"].get("nodeName") for p in kube.list_pods(namespace, selector)
+            if not p["metadata"].get("deletionTimestamp")}
 
 
 def _pod_labels(namespace: str, selector: str) -> dict[str, dict[str, str]]:
@@ -50,8 +50,24 @@ def _invalid(status: dict, generation: int, error: ValidationError, types: list[
             "conditions": set_conditions(status.get("conditions"), wanted, generation, now())}
 
 
+def _unchanged(new: dict, status: dict, entries: str) -> bool:
+    """Whether applying `new` would change nothing: every top-level field equal, and
+    every field of every `entries` item (list-map keyed by pod) already there. The
+    operator's own fields of an entry only ever grow, so nothing would be removed either."""
+    if {k for k in status if k != entries} != {k for k in new if k != entries}:
+        return False
+    if any(status[k] != v for k, v in new.items() if k != entries):
+        return False
+    have = {e.get("pod"): e for e in status.get(entries) or []}
+    return all(have.get(e["pod"], {}).get(f) == v for e in new.get(entries) or [] for f, v in e.items())
+
+
 def _run(model: Any, body: kopf.Body, logger: logging.Logger,
-         compute: Callable[[Any, dict, int], dict], spec_model: type, cond_types: list[str]) -> None:
+         compute: Callable[[Any, dict, int], dict], spec_model: type, cond_types: list[str],
+         entries: str | None = None) -> None:
+    """`entries`: a status list-map the operator shares with agents; when set, an apply
+    that would change nothing is skipped (the timer reconciles a running job every second,
+    and with 1,000 targets each no-op apply still costs the apiserver a full merge)."""
     kind = model.KIND
     meta, status = body["metadata"], dict(body.get("status") or {})
     generation = meta.get("generation", 0)
@@ -63,7 +79,8 @@ def _run(model: Any, body: kopf.Body, logger: logging.Logger,
             # The CRD schema rejects most bad input; this catches what slipped past it.
             outcome["result"] = "invalid"
             new = _invalid(status, generation, exc, cond_types)
-        kube.apply_status(model, meta["namespace"], meta["name"], new)
+        if entries is None or not _unchanged(new, status, entries):
+            kube.apply_status(model, meta["namespace"], meta["name"], new)
     for cond in transitions(status.get("conditions"), new["conditions"]):
         metrics.CONDITION_TRANSITIONS.labels(kind, cond["type"], cond["status"]).inc()
         if cond["reason"] == "AsExpected" and not status.get("conditions"):
@@ -115,7 +132,7 @@ def refitjob_(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
         return decision["d"].status
 
     _run(RefitJob, body, logger, compute, RefitJobSpec,
-         ["Progressing", "Complete", "Failed"])
+         ["Progressing", "Complete", "Failed"], entries="targets")
     d = decision.get("d")
     if d is None:
         return
