@@ -4,7 +4,8 @@ The operator assigns by bumping `attempts` in the job's per-target entry for
 this pod; the agent pulls from the named upstream pods and writes `phase`,
 `bytes`, `reason`, `observedAttempt` and its `endpoint` into the same entry
 under its own field manager (server-side apply). Progress writes are
-rate-limited; nothing per chunk reaches the CR.
+rate-limited; nothing per chunk reaches the CR. Once the entry is Done and the
+operator has adopted the result, the agent releases its claim on it.
 """
 
 from __future__ import annotations
@@ -117,6 +118,9 @@ class JobRunner:
                 (e for e in status.get("targets") or [] if e.get("pod") == self.ident.pod), None
             )
             if entry is None:
+                continue
+            if self._adopted(job, entry):
+                self.release(meta["name"])
                 continue
             over = meta.get("deletionTimestamp") or status.get("phase") in TERMINAL
             if cur is not None and cur.uid == meta["uid"]:
@@ -301,6 +305,22 @@ class JobRunner:
             if time.monotonic() > deadline:
                 raise UpstreamNotReady(f"upstream not serving: {', '.join(missing)}")
             time.sleep(min(self.poll_s, 0.2))  # an upstream target that has not started
+
+    def _adopted(self, job: dict[str, Any], entry: dict[str, Any]) -> bool:
+        """The operator co-owns this pod's finished result, and this agent still holds a claim."""
+        done = entry.get("phase") == "Done" and entry.get("observedAttempt") == entry.get("attempts")
+        return (done and "phase" in ssa.owned_entry_fields(job, ssa.OPERATOR_MANAGER, "targets",
+                                                           {"pod": self.ident.pod})
+                and ssa.manages(job, self.manager))
+
+    def release(self, job: str) -> None:
+        """Drop this agent's claim on its finished entry (the operator keeps the result),
+        so the job's managedFields no longer carry an entry for this pod."""
+        try:
+            ssa.release_status(self.api, RefitJob, self.ident.namespace, job, self.manager)
+        except client.ApiException as exc:
+            if exc.status != 404:
+                raise
 
     def _write(self, job: str, fields: dict[str, Any]) -> None:
         ssa.apply_status(self.api, RefitJob, self.ident.namespace, job,
