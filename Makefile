@@ -7,7 +7,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup lock envtest crds protos generate test test-py312 unit integration e2e lint plots demo clean chart-test
+.PHONY: setup lock envtest kwok crds protos generate test test-py312 unit integration e2e scale lint plots demo clean chart-test
 
 setup: .venv/.ferry-deps
 
@@ -22,6 +22,11 @@ lock:
 
 envtest:
 	@hack/envtest.sh
+
+# kube-controller-manager, kube-scheduler, kwok and etcdctl for the kwok cluster
+# (`ferry dev up --kwok`, tests/scale, `ferry bench control-plane`).
+kwok:
+	@hack/kwok.sh
 
 crds: setup
 	$(PY) -m ferry_api.generate
@@ -59,8 +64,14 @@ chart-test: setup
 e2e: setup
 	FERRY_ENVTEST_DIR="$$(hack/envtest.sh | tail -n1)" $(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
+# A RefitJob over 100 and 1,000 simulated targets on kwok GPU nodes (`make test` runs it too).
+scale: setup
+	FERRY_ENVTEST_DIR="$$(hack/envtest.sh | tail -n1)" FERRY_KWOK_DIR="$$(hack/kwok.sh | tail -n1)" \
+		$(PY) -m pytest tests/scale $(PYTEST_ARGS)
+
 test: setup
-	FERRY_ENVTEST_DIR="$$(hack/envtest.sh | tail -n1)" $(PY) -m pytest tests $(PYTEST_ARGS)
+	FERRY_ENVTEST_DIR="$$(hack/envtest.sh | tail -n1)" FERRY_KWOK_DIR="$$(hack/kwok.sh | tail -n1)" \
+		$(PY) -m pytest tests $(PYTEST_ARGS)
 
 # The unit and API-validation tests under Python 3.12 in a second environment
 # (cached like the first). PY312 names the interpreter.
