@@ -88,9 +88,11 @@ def test_apiserver_restart_mid_job(cluster: DevCluster) -> None:
     # Watches came back: a job created after the restart is seen and runs (a timer
     # alone would not create it), and /healthz (the canary through a watch) stays 200.
     v2 = cluster.load_weights("trainer-0", "2", LAYOUT, seed=2)
-    create(api, ns, "refitjobs", refitjob("after", version="2"))
+    create(api, ns, "refitjobs", refitjob("after", version="2", ttlSecondsAfterFinished=3))
     job2 = finished(cluster, "after")
     assert job2["status"]["phase"] == "Succeeded", job2["status"]
     assert_bytes(cluster, targets(cluster), v2)
     assert cluster.operator.healthz() == 200
+    # ...and the finished job is deleted by its ttlSecondsAfterFinished (finalizer released).
+    poll(lambda: job_or_none(api, ns, "after") is None, timeout=30, what="'after' deleted by its TTL")
     delete_jobs_and_check_finalizers(cluster, ["refit", "after"])
