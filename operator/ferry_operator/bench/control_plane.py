@@ -10,7 +10,7 @@ process (`simagents.py`: real agent write paths, no bytes moved). For each N:
   job is Complete;
 - `job_bytes`: the job as stored in etcd (read with etcdctl: the value bytes under
   /registry/ferry.dev/refitjobs/NS/NAME, managedFields included), with every target
-  in flight, at Complete, and once finished agents have released their entries;
+  in flight, at Complete, and a second after;
 - operator RSS and CPU from /proc of the operator process;
 - apiserver requests: the delta of `apiserver_request_total` from its /metrics.
 
@@ -123,9 +123,8 @@ def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, int]:
 
 
 def _managers(obj: dict[str, Any]) -> int:
-    """Agents' managedFields entries on the job (one per pod still holding a claim)."""
-    return sum(1 for m in obj["metadata"].get("managedFields") or []
-               if m.get("manager", "").startswith("ferry-agent/"))
+    """managedFields entries on the job (the operator's and the agents' shared one)."""
+    return len(obj["metadata"].get("managedFields") or [])
 
 
 # -- one run ------------------------------------------------------------------------
@@ -166,13 +165,12 @@ def _wait(pred: Any, timeout: float, what: str, every: float = 0.02) -> None:
 
 class JobWatch(threading.Thread):
     """Watches the job and plays the agents' side: a newly assigned target reports
-    Pulling; a Done entry the operator adopted is released."""
+    Pulling."""
 
     def __init__(self, api: k8s_client.ApiClient, fleet: Fleet, ns: str, name: str, targets: int):
         super().__init__(name="job-watch", daemon=True)
         self.api, self.fleet, self.ns, self.name, self.targets = api, fleet, ns, name, targets
         self.assigned: set[str] = set()
-        self.released: set[str] = set()
         self.pulling_writes: list[float] = []
         self.t_all_assigned: float | None = None
         self.t_complete: float | None = None
@@ -195,17 +193,15 @@ class JobWatch(threading.Thread):
     def _see(self, job: dict[str, Any], now: float) -> None:
         self.last = job
         status = job.get("status") or {}
-        for e in status.get("targets") or []:
+        for i, e in enumerate(status.get("targets") or []):
             pod, agent = e["pod"], self.fleet.agents.get(e["pod"])
             if agent is None:
                 continue
             if e.get("attempts") and pod not in self.assigned:
                 self.assigned.add(pod)
-                fut = self.fleet.submit(agent.report, self.name, e["attempts"], "Pulling", 0)
+                fut = self.fleet.submit(agent.report, self.name, e["attempts"], "Pulling", 0,
+                                        None, (i, e))
                 fut.add_done_callback(self._pulled)
-            if pod not in self.released and agent.adopted(job, e):
-                self.released.add(pod)
-                self.fleet.submit(agent.release, self.name)
         if self.t_all_assigned is None and len(self.assigned) >= self.targets:
             self.t_all_assigned = now
         if self.t_complete is None and any(c["type"] == "Complete" and c["status"] == "True"
@@ -244,14 +240,6 @@ def _measure(b: Bench, r: dict[str, Any], watch: JobWatch, fleet: Fleet, op: Ope
     r["complete_s"] = round(watch.t_complete - t_reported, 3)
     req1, cpu1 = b.requests(), _proc_stats(op.proc.pid)
     size_complete = b.stored_bytes(ns, "refit")
-
-    def compacted() -> bool:
-        return _managers(custom.get_namespaced_custom_object(GROUP, VERSION, ns, "refitjobs", "refit")) == 0
-
-    try:  # an operator that adopts nothing (--operator-path to an older one) never compacts
-        _wait(compacted, min(timeout, 20.0), "agent managedFields entries to go", every=0.5)
-    except TimeoutError:
-        pass
     time.sleep(1.0)
     final = custom.get_namespaced_custom_object(GROUP, VERSION, ns, "refitjobs", "refit")
     size_final = b.stored_bytes(ns, "refit")
@@ -262,12 +250,12 @@ def _measure(b: Bench, r: dict[str, Any], watch: JobWatch, fleet: Fleet, op: Ope
         "write_retries": fleet.retries,
         "assigned_over_write_p50": round(r["assigned_s"] / statistics.median(writes), 1),
         "job_bytes": {"in_flight": size_inflight, "at_complete": size_complete, "final": size_final},
-        "agent_managed_fields_entries": {"in_flight": managers_inflight, "final": _managers(final)},
+        "managed_fields_entries": {"in_flight": managers_inflight, "final": _managers(final)},
         "job_phase": (final.get("status") or {}).get("phase"),
         "operator": {"rss_mb": round(cpu1["rss_mb"], 1), "rss_peak_mb": round(cpu2["rss_peak_mb"], 1),
                      "cpu_s_job": round(cpu1["cpu_s"] - cpu0["cpu_s"], 2),
-                     "cpu_s_job_and_release": round(cpu2["cpu_s"] - cpu0["cpu_s"], 2)},
-        "apiserver_requests": {"job": _delta(req1, req0), "release": _delta(req2, req1)},
+                     "cpu_s_job_and_after": round(cpu2["cpu_s"] - cpu0["cpu_s"], 2)},
+        "apiserver_requests": {"job": _delta(req1, req0), "after": _delta(req2, req1)},
     })
 
 
@@ -345,10 +333,10 @@ def run_one(b: Bench, n: int, sources: int, strategy: str, max_fan_out: int, lea
             # A run that cannot finish still says how far it got and what it cost.
             r["error"] = str(exc)
             now = _proc_stats(op.proc.pid)
-            r["reported"] = {"pulling": len(watch.pulling_writes), "released": len(watch.released)}
+            r["reported"] = {"pulling": len(watch.pulling_writes)}
             r["elapsed_s"] = round(time.monotonic() - t_stored, 1)
             r["job_bytes"] = {"at_error": b.stored_bytes(ns, "refit")}
-            r["agent_managed_fields_entries"] = {"at_error": _managers(watch.last)}
+            r["managed_fields_entries"] = {"at_error": _managers(watch.last)}
             r["operator"] = {"rss_mb": round(now["rss_mb"], 1), "rss_peak_mb": round(now["rss_peak_mb"], 1),
                              "cpu_s_job": round(now["cpu_s"] - cpu0["cpu_s"], 2)}
             r["apiserver_requests"] = {"job": _delta(b.requests(), req0)}

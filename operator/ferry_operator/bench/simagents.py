@@ -3,11 +3,12 @@
 This is the one simulated part of the control-plane benchmark: everything else
 (etcd, kube-apiserver, scheduler, kwok, the operator) is real. A `SimAgent` moves
 no bytes and runs no NIXL, but every write it makes goes through the real agent
-code under the pod's own field manager (`ferry-agent/<pod>`): the Lease through
-`Reporter._renew`, the WeightSource member entry through `Reporter._apply_entry`,
-the RefitJob entry through `JobRunner._write`, and the release of a finished
-entry through `JobRunner.release`. One process holds many of them and writes
-from a thread pool instead of one process per pod.
+code: the Lease through `Reporter._renew`, the WeightSource member entry through
+`Reporter._apply_entry` (the pod's own field manager), the RefitJob entry through
+`JobRunner._write` (a guarded JSON patch under the agents' shared manager). One
+process holds many of them and writes from a thread pool instead of one process
+per pod. Unlike a real agent it learns of its assignment from the bench's one watch
+on the job, not by listing the namespace's RefitJobs itself.
 """
 
 from __future__ import annotations
@@ -47,21 +48,18 @@ class SimAgent:
         self.reporter._apply_entry(weightsource, self.reporter._entry())
 
     def report(self, job: str, attempt: int, phase: str, nbytes: int,
-               seconds: float | None = None) -> float:
-        """Write this pod's entry as the job runner does; returns the round trip in seconds."""
+               seconds: float | None = None, where: tuple[int, dict[str, Any]] | None = None) -> float:
+        """Write this pod's entry as the job runner does; returns the round trip in seconds.
+        `where`: (index, entry) of the pod's entry as last seen (a job runner's tick has it)."""
         fields: dict[str, Any] = {"observedAttempt": attempt, "endpoint": self.reporter.ident.endpoint,
                                   "phase": phase, "bytes": nbytes}
         if seconds is not None:
             fields["seconds"] = seconds
+        if where is not None:
+            self.jobs._where[job] = where
         t = time.monotonic()
         self.jobs._write(job, fields)
         return time.monotonic() - t
-
-    def adopted(self, job: dict[str, Any], entry: dict[str, Any]) -> bool:
-        return self.jobs._adopted(job, entry)
-
-    def release(self, job: str) -> None:
-        self.jobs.release(job)
 
 
 class Fleet:

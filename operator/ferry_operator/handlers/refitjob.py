@@ -1,10 +1,9 @@
 """RefitJob: resolve the version, assign sources to targets, aggregate progress.
 
-Per-target entries are shared by two server-side-apply managers: the operator
-owns `source` and `attempts` (the assignment), the target's agent owns the rest
-and says which attempt it describes (`observedAttempt`). A new attempt is
-assigned by bumping `attempts`; the agent notices and pulls again. Once a target
-is Done the operator adopts its result (ADOPTED) and the agent lets go of it.
+Per-target entries are shared: the operator applies `source` and `attempts` (the
+assignment, server-side apply), the target's agent patches the rest and says which
+attempt it describes (`observedAttempt`; ferry_agent.k8s.jobs). A new attempt is
+assigned by bumping `attempts`; the agent notices and pulls again.
 """
 
 from __future__ import annotations
@@ -21,13 +20,6 @@ from . import refit_transform
 
 KIND, PLURAL = RefitJob.KIND, RefitJob.PLURAL
 TERMINAL = ("Succeeded", "Failed")
-# A Done entry's result, applied by the operator too. Once the operator co-owns these,
-# the agent drops its claim on the entry (ferry_agent.k8s.jobs), so its managedFields
-# entry goes away: the job's managedFields grow with the targets in flight, not with
-# all targets (~300 bytes per agent manager). `seconds` is kept for per-target
-# throughput; a failed attempt's `reason` and `message` are not (the agent's final
-# Done apply already dropped them).
-ADOPTED = ("observedAttempt", "phase", "bytes", "endpoint", "seconds")
 
 
 @dataclass(frozen=True)
@@ -122,9 +114,8 @@ def compute_status(spec: RefitJobSpec, status: dict[str, Any], generation: int, 
         (entries[p].get("bytes") or 0) if phases[p] != "Done" else max(entries[p].get("bytes") or 0, per_target)
         for p in names if p in entries)
 
-    # Operator-owned part of each entry: keep every assignment made so far, and adopt
-    # the result of every finished one (see ADOPTED).
-    own = {p: _owned(e, phases.get(p)) for p, e in entries.items() if e.get("attempts")}
+    # Operator-owned part of each entry: keep every assignment made so far.
+    own = {p: _owned(e) for p, e in entries.items() if e.get("attempts")}
     own |= {p: entries[p] for p in unfit if p in entries and not entries[p].get("attempts")}
     assigned: dict[str, tuple[str, ...]] = {}
     conds: list[Cond]
@@ -213,11 +204,8 @@ def compute_status(spec: RefitJobSpec, status: dict[str, Any], generation: int, 
     return Decision(out, delete, assigned)
 
 
-def _owned(entry: dict[str, Any], phase: str | None) -> dict[str, Any]:
-    out = {"pod": entry["pod"], "source": entry["source"], "attempts": entry["attempts"]}
-    if phase == "Done":
-        out |= {k: entry[k] for k in ADOPTED if entry.get(k) is not None}
-    return out
+def _owned(entry: dict[str, Any]) -> dict[str, Any]:
+    return {"pod": entry["pod"], "source": entry["source"], "attempts": entry["attempts"]}
 
 
 def _state(pod: str, entry: dict[str, Any], phase: str, node: str | None) -> TargetState:
