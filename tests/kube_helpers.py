@@ -11,15 +11,16 @@ from kubernetes import client as k8s_client
 GROUP, VERSION = "ferry.dev", "v1alpha1"
 
 
-def wait_for(fn: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+def wait_for(fn: Callable[[], Any], timeout: float = 30.0, what: str = "condition",
+             every: float = 0.3) -> Any:
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
         last = fn()
         if last:
             return last
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}; last value: {last!r}")
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last value: {last!r}")
 
 
 def get(api: k8s_client.ApiClient, plural: str, ns: str, name: str) -> dict:

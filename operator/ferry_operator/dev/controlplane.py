@@ -28,6 +28,21 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 CRD_DIR = REPO_ROOT / "crds"
 
 
+def stop_all(procs: list[subprocess.Popen], grace_s: float) -> None:
+    """SIGTERM each process group (last started first), SIGKILL what is still running
+    after `grace_s`; empties `procs`. Each was started in its own session."""
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in reversed(procs):
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    procs.clear()
+
+
 class ControlPlaneError(RuntimeError):
     pass
 
@@ -220,17 +235,8 @@ class ControlPlane:
                 raise ControlPlaneError(f"kubectl {' '.join(argv)} failed: {done.stderr.strip()}")
 
     def stop(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in reversed(self.procs):
-            try:
-                # Throwaway state: no need to wait out the apiserver's graceful drain.
-                proc.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        self.procs.clear()
+        # Throwaway state: no need to wait out the apiserver's graceful drain.
+        stop_all(self.procs, grace_s=3)
 
     def __enter__(self) -> ControlPlane:
         return self.start()

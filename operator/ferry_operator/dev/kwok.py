@@ -14,7 +14,6 @@ as in `DevCluster`) carry `HARNESS_ANNOTATION`; kwok leaves their status alone.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +23,7 @@ from pathlib import Path
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
-from .controlplane import REPO_ROOT, ControlPlane, ControlPlaneError
+from .controlplane import REPO_ROOT, ControlPlane, ControlPlaneError, stop_all
 
 BINARIES = ("kube-controller-manager", "kube-scheduler", "kwok", "etcdctl")
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
@@ -222,13 +221,4 @@ class Kwok:
         raise ControlPlaneError(f"{len(want - ready)} of {count} kwok nodes not Ready in {timeout:.0f}s")
 
     def stop(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in reversed(self.procs):
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        self.procs.clear()
+        stop_all(self.procs, grace_s=5)

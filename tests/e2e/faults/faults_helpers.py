@@ -16,7 +16,7 @@ from kubernetes import client as k8s_client
 
 from ferry_agent.layout import DTYPE_SIZES
 from ferry_operator.dev.cluster import DevCluster, demo_layout
-from tests.kube_helpers import GROUP, VERSION, create, get
+from tests.kube_helpers import GROUP, VERSION, create, get, wait_for
 
 # 24 MiB: at FERRY_PULL_MAX_GBPS=0.01 one pull takes ~2.4 s, long enough to land a fault in.
 LAYOUT = demo_layout(60, 24 << 20)
@@ -40,14 +40,7 @@ def refitjob(name: str, source: str = "policy", targets: dict[str, str] | None =
 
 
 def poll(fn: Callable[[], Any], timeout: float, what: str, every: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
+    return wait_for(fn, timeout, what, every)
 
 
 def job_or_none(api: k8s_client.ApiClient, ns: str, name: str) -> dict[str, Any] | None:
