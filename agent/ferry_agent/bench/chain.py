@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import shutil
@@ -24,9 +23,8 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -34,6 +32,7 @@ from ..client import EngineClient
 from ..layout import TensorSpec
 from ..peer import AgentClient
 from ..procs import AgentProcess, spawn_agent
+from . import emit
 
 
 def _fill(c: EngineClient, seed: int) -> str:
@@ -74,8 +73,7 @@ def _chain_once(rpcs: list[AgentClient], ups: list[str], gbps: float) -> list[fl
     return ends
 
 
-@dataclass
-class Setup:
+class Setup(NamedTuple):
     """A work folder with a token, a `mib` MiB weight set (16 bf16 tensors) and the
     `ferry agent run` arguments for agents that move it in `chunk_mib` chunks."""
 
@@ -97,14 +95,7 @@ class Setup:
 
 
 def run(mib: int, gbps: float, targets: int, repeats: int, chunk_mib: int) -> dict[str, Any]:
-    setup = Setup.make("ferry-chain-", mib, chunk_mib)
-    work, token, specs, nbytes, args = (
-        setup.work,
-        setup.token,
-        setup.specs,
-        setup.nbytes,
-        setup.args,
-    )
+    work, token, specs, nbytes, args = Setup.make("ferry-chain-", mib, chunk_mib)
     tok = token.read_text()
     procs: list[AgentProcess] = []
     clients: list[Any] = []
@@ -187,10 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args(argv)
     out = run(args.mib, args.gbps, args.targets, args.repeats, args.chunk_mib)
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit(out, args.json)
     return 0
 
 

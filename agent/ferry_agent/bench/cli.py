@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 from typing import Any
 
 from ..cli import parse_size
+from . import emit
 
 # Benchmarks that live in their own modules, each exposing `register(sub)`.
 MORE_BENCHES = ("ferry_agent.bench.fanout", "ferry_operator.bench.control_plane")
@@ -70,12 +70,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     from .transfer import TransferBench
 
     result = TransferBench(args).run()
-    text = json.dumps(result, indent=None if args.json else 2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+    emit(result, args.out, compact=args.json)
     return 0 if result.get("verified") else 1
 
 

@@ -22,7 +22,6 @@ Pure functions only; the CLI at the bottom prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
@@ -34,6 +33,7 @@ from ferry_api.refitjob import Strategy
 from ferry_operator.planner import Peer, TargetState, plan
 
 from ..relay import RELAY_WAIT_S
+from . import emit
 
 STRATEGIES = ("direct", "tree", "chain")
 _CRD = Strategy()
@@ -430,9 +430,5 @@ def cmd_fanout(args: argparse.Namespace) -> int:
         "relay_lag_s": slow.relay_lag_s,
         "scenarios": sweep(args.targets, args.gb, args.sources, slow, ("chain",))["scenarios"],
     }
-    print(json.dumps(result, indent=None if args.json else 2))
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=2)
-            fh.write("\n")
+    emit(result, args.out, compact=args.json)
     return 0

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import queue
@@ -41,6 +40,7 @@ from ferry_operator.planner import plan
 from ..client import EngineClient
 from ..peer import AgentClient
 from ..procs import AgentProcess, spawn_agent
+from . import emit
 from .chain import Setup, _digest, _fill
 from .fanout import Params, chunks, fleet, predict
 
@@ -160,14 +160,7 @@ def run(
     max_fan_out: int,
     strategies: list[str],
 ) -> dict[str, Any]:
-    setup = Setup.make("ferry-fanout-", mib, chunk_mib)
-    work, token, specs, nbytes, args = (
-        setup.work,
-        setup.token,
-        setup.specs,
-        setup.nbytes,
-        setup.args,
-    )
+    work, token, specs, nbytes, args = Setup.make("ferry-fanout-", mib, chunk_mib)
     load0 = os.getloadavg()
     base = _Run(work, token, args)
     try:
@@ -294,10 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         a.max_fan_out,
         a.strategies.split(","),
     )
-    text = json.dumps(out, indent=2)
-    print(text)
-    if a.json:
-        Path(a.json).write_text(text + "\n")
+    emit(out, a.json)
     return 0
 
 
