@@ -174,8 +174,9 @@ class RefitJobSpec(ApiModel):
 
 
 class TargetStatus(ApiModel):
-    """One target's entry. The operator owns `source` and `attempts` (the assignment);
-    the target's agent owns the rest (its progress on attempt `observedAttempt`)."""
+    """One target's entry, written by the operator: the assignment (`source`, `attempts`)
+    and the outcome of attempt `observedAttempt`, folded from the report the target's
+    agent writes on its own Lease."""
 
     pod: str = Field(description="Target pod name.", min_length=1, max_length=253)
     source: str | None = Field(default=None, description="Pod (or pods, comma-separated) it pulls from.", max_length=1024)
@@ -184,9 +185,6 @@ class TargetStatus(ApiModel):
         default=None, ge=0, description="The attempt the agent's phase, bytes and reason describe."
     )
     phase: TargetPhase | None = Field(default=None, description="Pending, Assigned, Pulling, Done or Failed.")
-    endpoint: str | None = Field(
-        default=None, description="host:port of the target's agent (it serves relays once Done).", max_length=300
-    )
     bytes: int | None = Field(default=None, ge=0, description="Bytes pulled so far.")
     reason: str | None = Field(default=None, description="CamelCase reason of the last failure.", max_length=128)
     message: str | None = Field(default=None, description="Detail of the last failure.", max_length=1024)

@@ -13,7 +13,7 @@ APPLY = "application/apply-patch+yaml"
 
 
 OPERATOR_MANAGER = "ferry-operator"
-# Every agent's writes to its RefitJob entry (JSON patch, not apply: see ferry_agent.k8s.jobs).
+# Every agent's merge patches of its own Lease's RefitJob reports (ferry_api.leases).
 AGENT_MANAGER = "ferry-agent"
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cache
 from typing import Any
@@ -10,8 +12,10 @@ from typing import Any
 from kubernetes import client, config
 
 from ferry_api import GROUP, VERSION, ssa
+from ferry_api import leases as leases_
 
 OPERATOR_MANAGER = ssa.OPERATOR_MANAGER
+LEASE_WRITERS = 16
 
 
 @cache
@@ -20,7 +24,9 @@ def api() -> client.ApiClient:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    return client.ApiClient()
+    cfg = client.Configuration.get_default_copy()
+    cfg.connection_pool_maxsize = LEASE_WRITERS  # annotate_leases writes from a pool
+    return client.ApiClient(cfg)
 
 
 def custom() -> client.CustomObjectsApi:
@@ -46,7 +52,13 @@ def get_object(plural: str, namespace: str, name: str) -> dict | None:
         raise
 
 
-AGENT_LEASE_LABEL = "ferry.dev/agent-lease"
+@dataclass(frozen=True)
+class AgentLeases:
+    """Every agent Lease in a namespace, read once per reconcile (ferry_api.leases)."""
+
+    live: set[str]  # pods whose agent Lease is fresh
+    expired: set[str]  # pods whose agent Lease expired
+    annotations: dict[str, dict[str, str]]  # pod -> its Lease's annotations (fresh or not)
 
 
 def _items(response: Any) -> list[dict[str, Any]]:
@@ -56,25 +68,45 @@ def _items(response: Any) -> list[dict[str, Any]]:
     return json.loads(response.data)["items"]
 
 
-def agent_leases(namespace: str, now: datetime) -> tuple[set[str], set[str]]:
-    """(pods whose agent Lease is fresh, pods whose agent Lease expired)."""
+def agent_leases(namespace: str, now: datetime) -> AgentLeases:
     leases = _items(client.CoordinationV1Api(api()).list_namespaced_lease(
-        namespace, label_selector=AGENT_LEASE_LABEL, _preload_content=False))
-    live, expired = set(), set()
+        namespace, label_selector=leases_.LEASE_LABEL, _preload_content=False))
+    out = AgentLeases(set(), set(), {})
     for lease in leases:
         spec = lease.get("spec") or {}
-        if not spec.get("renewTime") or not spec.get("holderIdentity"):
+        pod = spec.get("holderIdentity")
+        if not spec.get("renewTime") or not pod:
             continue
+        out.annotations[pod] = lease["metadata"].get("annotations") or {}
         renewed = datetime.fromisoformat(spec["renewTime"].replace("Z", "+00:00"))
         if renewed + timedelta(seconds=spec.get("leaseDurationSeconds") or 0) > now:
-            live.add(spec["holderIdentity"])
+            out.live.add(pod)
         else:
-            expired.add(spec["holderIdentity"])
-    return live, expired
+            out.expired.add(pod)
+    return out
 
 
 def live_agents(namespace: str, now: datetime) -> set[str]:
-    return agent_leases(namespace, now)[0]
+    return agent_leases(namespace, now).live
+
+
+def annotate_leases(namespace: str, changes: dict[str, dict[str, str | None]]) -> int:
+    """Merge-patch annotations onto agent Leases (pod -> {key: value or None}), LEASE_WRITERS
+    at a time: assigning 1,000 targets is 1,000 small writes, ~4 ms each one after the
+    other. A Lease that is gone (its agent stopped) is skipped. Returns writes made."""
+    def one(item: tuple[str, dict[str, str | None]]) -> int:
+        try:
+            leases_.patch(api(), namespace, *item, OPERATOR_MANAGER)
+            return 1
+        except client.ApiException as exc:
+            if exc.status == 404:
+                return 0
+            raise
+
+    if len(changes) <= 1:
+        return sum(map(one, changes.items()))
+    with ThreadPoolExecutor(min(LEASE_WRITERS, len(changes)), thread_name_prefix="ferry-lease") as pool:
+        return sum(pool.map(one, changes.items()))
 
 
 def list_objects(plural: str, namespace: str) -> list[dict]:

@@ -69,7 +69,8 @@ OPERATOR: tuple[Permission, ...] = (
         "leases",
         ("create", "patch", "delete"),
         "the operator's canary Lease: server-side apply creates and renews it, "
-        "cleanup deletes it (health.py)",
+        "cleanup deletes it (health.py); RefitJob assignments are merge-patched onto "
+        "agent Leases (kube.annotate_leases)",
     ),
     Permission("", "events", ("create",), "kopf.event on condition transitions", via="kopf"),
     Permission(
@@ -111,20 +112,21 @@ AGENT: tuple[Permission, ...] = (
         COORD,
         "leases",
         ("create", "patch", "delete"),
-        "each agent's liveness Lease (labelled ferry.dev/agent-lease): server-side apply "
-        "creates and renews it, shutdown deletes it (k8s/reporter.py)",
+        "each agent's Lease (labelled ferry.dev/agent-lease): server-side apply creates and "
+        "renews it, its RefitJob reports are merge-patched onto it, shutdown deletes it",
+    ),
+    Permission(
+        COORD,
+        "leases",
+        ("get", "list", "watch"),
+        "an agent watches its own Lease for RefitJob assignments and reads an upstream "
+        "target's report there (k8s/jobs.py)",
     ),
     Permission(
         FERRY,
         "weightsources/status",
         ("patch",),
         "server-side apply of the agent's own member entry, one field manager per pod",
-    ),
-    Permission(
-        FERRY,
-        "refitjobs/status",
-        ("patch",),
-        "server-side apply of the agent's own target entry: phase, bytes, reason (k8s/jobs.py)",
     ),
     Permission(
         FERRY,
@@ -138,12 +140,6 @@ AGENT: tuple[Permission, ...] = (
         "weightsources",
         ("get",),
         "a target resolves its upstream pods to endpoints (k8s/jobs.py)",
-    ),
-    Permission(
-        FERRY,
-        "refitjobs",
-        ("get", "list"),
-        "a target finds its assignments and the version to pull (k8s/jobs.py polls)",
     ),
     Permission(
         FERRY,

@@ -15,6 +15,7 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
+from ferry_api import leases
 from ferry_api.artifactcache import ArtifactCache, ArtifactCacheSpec
 from ferry_api.meta import now
 from ferry_api.refitjob import RefitJob, RefitJobSpec
@@ -50,24 +51,13 @@ def _invalid(status: dict, generation: int, error: ValidationError, types: list[
             "conditions": set_conditions(status.get("conditions"), wanted, generation, now())}
 
 
-def _unchanged(new: dict, status: dict, entries: str) -> bool:
-    """Whether applying `new` would change nothing: every top-level field equal, and
-    every field of every `entries` item (list-map keyed by pod) already there. The
-    operator's own fields of an entry only ever grow, so nothing would be removed either."""
-    if {k for k in status if k != entries} != {k for k in new if k != entries}:
-        return False
-    if any(status[k] != v for k, v in new.items() if k != entries):
-        return False
-    have = {e.get("pod"): e for e in status.get(entries) or []}
-    return all(have.get(e["pod"], {}).get(f) == v for e in new.get(entries) or [] for f, v in e.items())
-
-
 def _run(model: Any, body: kopf.Body, logger: logging.Logger,
          compute: Callable[[Any, dict, int], dict], spec_model: type, cond_types: list[str],
-         entries: str | None = None) -> None:
-    """`entries`: a status list-map the operator shares with agents; when set, an apply
-    that would change nothing is skipped (the timer reconciles a running job every second,
-    and with 1,000 targets each no-op apply still costs the apiserver a full merge)."""
+         sole_writer: bool = False) -> None:
+    """`sole_writer`: the operator writes every field of this kind's status, so an apply
+    of what is already there changes nothing and is skipped (the timer reconciles a
+    running job every second, and with 1,000 targets each no-op apply still costs the
+    apiserver a full merge)."""
     kind = model.KIND
     meta, status = body["metadata"], dict(body.get("status") or {})
     generation = meta.get("generation", 0)
@@ -79,7 +69,7 @@ def _run(model: Any, body: kopf.Body, logger: logging.Logger,
             # The CRD schema rejects most bad input; this catches what slipped past it.
             outcome["result"] = "invalid"
             new = _invalid(status, generation, exc, cond_types)
-        if entries is None or not _unchanged(new, status, entries):
+        if not sole_writer or new != status:
             kube.apply_status(model, meta["namespace"], meta["name"], new)
     for cond in transitions(status.get("conditions"), new["conditions"]):
         metrics.CONDITION_TRANSITIONS.labels(kind, cond["type"], cond["status"]).inc()
@@ -109,34 +99,38 @@ def weightsource_(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
 
 def refitjob_(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
     meta = body["metadata"]
-    ns, name = meta["namespace"], meta["name"]
+    ns, name, uid = meta["namespace"], meta["name"], meta["uid"]
     if meta.get("deletionTimestamp"):
         return
     old_status = dict(body.get("status") or {})
     decision: dict[str, refitjob.Decision] = {}
+    seen: dict[str, kube.AgentLeases] = {}
 
     def compute(spec: RefitJobSpec, status: dict, generation: int) -> dict:
-        live, expired = kube.agent_leases(ns, now())
+        agents = seen["leases"] = kube.agent_leases(ns, now())
         source = kube.get_object(WeightSource.PLURAL, ns, spec.source_ref.name)
         world = refitjob.World(
             source=source,
             targets=_pods(ns, spec.targets.to_label_selector()),
-            live=live,
+            live=agents.live,
             now=now(),
-            expired=expired,
+            expired=agents.expired,
             # Target ranks (pod labels) matter only for a TP source or a reshard.
             labels=_pod_labels(ns, spec.targets.to_label_selector())
             if refit_transform.needs_ranks(spec, source) else {},
+            reports=_reports(agents, uid),
         )
         decision["d"] = refitjob.compute_status(spec, status, generation, world)
         return decision["d"].status
 
     _run(RefitJob, body, logger, compute, RefitJobSpec,
-         ["Progressing", "Complete", "Failed"], entries="targets")
+         ["Progressing", "Complete", "Failed"], sole_writer=True)
     d = decision.get("d")
     if d is None:
         return
-    metrics.observe_job_phase(meta["uid"], d.status["phase"])
+    want = refitjob.assignments(name, json.loads(json.dumps(dict(body["spec"]))), d.status)
+    _assign(ns, uid, seen["leases"], {pod: leases.encode(a) for pod, a in want.items()})
+    metrics.observe_job_phase(uid, d.status["phase"])
     for pod, upstream in d.assigned.items():
         logger.info("assigned %s <- %s", pod, ",".join(upstream))
     if d.status["phase"] in refitjob.TERMINAL and old_status.get("phase") not in refitjob.TERMINAL:
@@ -144,6 +138,22 @@ def refitjob_(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
     if d.delete:
         logger.info("deleting %s/%s: ttlSecondsAfterFinished passed", ns, name)
         kube.delete_object(refitjob.PLURAL, ns, name)
+
+
+def _reports(agents: kube.AgentLeases, uid: str) -> dict[str, dict]:
+    """pod -> its agent's report on job `uid`, from the Lease annotations."""
+    found = ((pod, leases.read(ann, leases.REPORT).get(uid)) for pod, ann in agents.annotations.items())
+    return {pod: r for pod, r in found if r is not None}
+
+
+def _assign(namespace: str, uid: str, agents: kube.AgentLeases, want: dict[str, str | None]) -> None:
+    """Make the assignment annotation of job `uid` on every agent Lease equal `want`
+    (pod -> encoded assignment; absent: none), writing only the Leases that differ.
+    A pod without a Lease yet gets its assignment once its agent has started."""
+    key = leases.ASSIGN + uid
+    changes: dict[str, dict[str, str | None]] = {
+        pod: {key: want.get(pod)} for pod, ann in agents.annotations.items() if ann.get(key) != want.get(pod)}
+    kube.annotate_leases(namespace, changes)
 
 
 def _count_finished(status: dict, old: dict) -> None:
@@ -157,20 +167,32 @@ def _count_finished(status: dict, old: dict) -> None:
 
 
 def refitjob_deleted(body: kopf.Body, logger: logging.Logger, runtime: Any, **_: Any) -> None:
-    """Finalizer: a running job's targets see the deletion and cancel their pulls;
-    release once none is pulling (or after 30 s, so a dead agent cannot pin it)."""
-    metrics.observe_job_phase(body["metadata"]["uid"], None)
-    status = body.get("status") or {}
+    """Finalizer: take every assignment of the job off the agents' Leases, so that their
+    pulls cancel, and fold their last reports into the job (who cancelled, with how many
+    bytes); release once none is pulling (or after 30 s, so a dead agent cannot pin it)."""
+    meta = body["metadata"]
+    metrics.observe_job_phase(meta["uid"], None)
+    status = dict(body.get("status") or {})
     if status.get("phase") in refitjob.TERMINAL:
-        return
-    # An unlimited backoff: here only "is an attempt in hand" matters, not retries.
-    pulling = [e["pod"] for e in status.get("targets") or []
-               if refitjob.target_phase(e, 1 << 30) in ("Assigned", "Pulling")]
+        return  # its reconcile already took the assignments off
+    agents = kube.agent_leases(meta["namespace"], now())
+    _assign(meta["namespace"], meta["uid"], agents, {})
+    reports = _reports(agents, meta["uid"])
+    entries = [refitjob.fold(e, reports.get(e["pod"])) for e in status.get("targets") or []]
+    if entries != (status.get("targets") or []):
+        kube.apply_status(RefitJob, meta["namespace"], meta["name"], {**status, "targets": entries})
+    # Released on a pass that found nothing new to fold, so the last reports are seen
+    # on the job before it goes.
+    pulling = [e["pod"] for e in entries if e["pod"] in agents.live
+               and refitjob.target_phase(e, 1 << 30) == "Pulling"]
+    if entries != (status.get("targets") or []) and runtime.total_seconds() < 30:
+        raise kopf.TemporaryError(f"folded the last reports; {len(pulling)} target(s) still pulling",
+                                  delay=1)
     if pulling and runtime.total_seconds() < 30:
         raise kopf.TemporaryError(f"waiting for {len(pulling)} target(s) to cancel: {', '.join(pulling[:5])}",
                                   delay=1)
     if pulling:
-        logger.warning("released %s with targets still pulling: %s", body["metadata"]["name"], pulling)
+        logger.warning("released %s with targets still pulling: %s", meta["name"], pulling)
 
 
 def artifactcache_(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:

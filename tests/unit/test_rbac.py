@@ -3,7 +3,8 @@
 The scan is a deliberately simple heuristic:
 - kubernetes-client calls are found by method name (`patch_namespaced_lease`,
   `read_namespaced_pod`, `..._custom_object_status`); an unknown resource in a
-  method name fails the test, so a new kind of call cannot slip by;
+  method name fails the test, so a new kind of call cannot slip by; a list method
+  handed to `watch.Watch().stream(...)` is a watch;
 - a custom-object call's plural comes from the `X.PLURAL` (or `plural`
   variable, meaning all three kinds) in the next few lines of the call;
 - kopf handlers come from kopf's registry after importing ferry_operator.main
@@ -31,6 +32,8 @@ CALL = re.compile(
     r"\.(get|list|read|create|patch|replace|delete)_(namespaced_|cluster_)?([a-z_]+?)"
     r"(_for_all_namespaces)?\("
 )
+# A watch: the client's list method handed to watch.Watch().stream.
+WATCH = re.compile(r"\.stream\(\s*\w+\.list_(namespaced_)([a-z_]+?),")
 VERBS = {
     "get": "get",
     "list": "list",
@@ -126,6 +129,11 @@ def scan(root: Path) -> dict[tuple[str, str, str], list[str]]:
             for r in resources:
                 for v in verbs:
                     found.setdefault((group, r, v), []).append(where)
+        for m in WATCH.finditer(text):
+            if m.group(2) in RESOURCES and RESOURCES[m.group(2)][1] is not None:
+                group, resource = RESOURCES[m.group(2)]
+                where = f"{path.relative_to(REPO)}:{text.count(chr(10), 0, m.start()) + 1}"
+                found.setdefault((group, resource, "watch"), []).append(where)
         for m in APPLY_STATUS.finditer(text):
             call = text[m.end() : m.end() + 400]
             where = f"{path.relative_to(REPO)}:{text.count(chr(10), 0, m.start()) + 1}"
@@ -178,6 +186,7 @@ def test_scan_finds_the_calls_we_know_about() -> None:
     assert (rbac.FERRY, "weightsources", "get") in op
     agent = scan(REPO / "agent" / "ferry_agent")
     assert (rbac.COORD, "leases", "patch") in agent
+    assert (rbac.COORD, "leases", "watch") in agent
 
 
 def test_every_operator_call_and_handler_is_in_the_table() -> None:

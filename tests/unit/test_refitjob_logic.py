@@ -70,7 +70,10 @@ def test_failed_attempt_retries_on_another_source() -> None:
                            "phase": "Failed", "reason": "PeerUnavailable"}]}
     d = compute_status(spec(), status, 1, world(source("s0", "s1"), ["t0"]))
     assert d.assigned == {"t0": ("s1",)}
-    assert d.status["targets"] == [{"pod": "t0", "source": "s1", "attempts": 2}]
+    # The first attempt's outcome stays until the agent reports on the second.
+    assert d.status["targets"] == [{"pod": "t0", "source": "s1", "attempts": 2, "observedAttempt": 1,
+                                    "phase": "Failed", "reason": "PeerUnavailable"}]
+    assert target_phase(d.status["targets"][0], 3) == "Assigned"
 
 
 def test_backoff_exhausted_fails_job_with_reason_once_others_finish() -> None:
@@ -158,11 +161,61 @@ def test_status_stays_compact_at_1000_targets() -> None:
     names = [f"inference-{i:04d}" for i in range(1000)]
     status = {"phase": "Running", "version": "5", "startTime": "2026-01-01T00:00:00Z", "targets": [
         {"pod": n, "source": "trainer-0", "attempts": 1, "observedAttempt": 1, "phase": "Pulling",
-         "endpoint": "10.0.12.34:7470", "bytes": 123456789012} for n in names]}
+         "bytes": 123456789012} for n in names]}
     d = compute_status(spec(), status, 1, world(source("s0"), names))
-    merged = {**status, **d.status, "targets": status["targets"]}
-    size = len(json.dumps(merged))
+    size = len(json.dumps(d.status))
     assert size < 200_000, f"{size} bytes: far below etcd's 1.5 MB limit is the goal"
+
+
+RUNNING = {"phase": "Running", "version": "5", "startTime": "2026-01-01T00:00:00Z"}
+
+
+def test_reports_on_leases_are_folded_into_entries() -> None:
+    status = {**RUNNING, "targets": [{"pod": "t0", "source": "s0", "attempts": 1},
+                                     {"pod": "t1", "source": "s0", "attempts": 1}]}
+    w = world(source("s0"), ["t0", "t1"])
+    w.reports.update({"t0": {"attempt": 1, "phase": "Done", "bytes": 1000, "seconds": 0.5,
+                             "endpoint": "t0:1"},
+                      "t1": {"attempt": 1, "phase": "Pulling", "bytes": 400}})
+    st = compute_status(spec(), status, 1, w).status
+    assert st["targets"] == [
+        {"pod": "t0", "source": "s0", "attempts": 1, "observedAttempt": 1, "phase": "Done", "bytes": 1000,
+         "seconds": 0.5},
+        {"pod": "t1", "source": "s0", "attempts": 1, "observedAttempt": 1, "phase": "Pulling", "bytes": 400}]
+    assert st["bytesDone"] == 1400 and st["targetsSummary"] == "1/2"
+
+
+def test_a_report_cannot_reopen_skip_or_corrupt_an_entry() -> None:
+    from ferry_operator.handlers.refitjob import fold
+
+    done = {"pod": "t0", "source": "s0", "attempts": 2, "observedAttempt": 2, "phase": "Done", "bytes": 9}
+    assert fold(done, {"attempt": 2, "phase": "Pulling", "bytes": 1}) == done, "a finished attempt stays"
+    assert fold(done, {"attempt": 1, "phase": "Failed"}) == done, "an older attempt's report"
+    assert fold(done, {"attempt": 3, "phase": "Pulling"}) == done, "an attempt never assigned"
+    pulling = {"pod": "t0", "source": "s0", "attempts": 2, "observedAttempt": 1, "phase": "Failed",
+               "reason": "PeerUnavailable", "message": "gone"}
+    for junk in ({"attempt": "2", "phase": "Done"}, {"attempt": True, "phase": "Done"},
+                 {"attempt": 2, "phase": "Exploded"}, {"attempt": 2}):
+        assert fold(pulling, junk) == pulling
+    got = fold(pulling, {"attempt": 2, "phase": "Done", "bytes": -5, "seconds": "fast",
+                         "reason": "x" * 500, "endpoint": "t0:1"})
+    # A new outcome drops the old reason; bad numbers are left out, long text cut to the CRD's limit.
+    assert got == {"pod": "t0", "source": "s0", "attempts": 2, "observedAttempt": 2, "phase": "Done",
+                   "reason": "x" * 128}
+
+
+def test_assignments_are_the_attempts_in_hand_while_the_job_runs() -> None:
+    from ferry_operator.handlers.refitjob import assignments
+
+    targets = [{"pod": "a", "source": "s0", "attempts": 1},
+               {"pod": "b", "source": "a", "attempts": 1, "observedAttempt": 1, "phase": "Pulling"},
+               {"pod": "c", "source": "s0", "attempts": 1, "observedAttempt": 1, "phase": "Done"},
+               {"pod": "d", "source": "s0", "attempts": 1, "observedAttempt": 1, "phase": "Failed"}]
+    got = assignments("rj", {"sourceRef": {"name": "src"}}, {**RUNNING, "targets": targets})
+    assert sorted(got) == ["a", "b"]
+    assert got["b"] == {"job": "rj", "attempt": 1, "source": "a", "version": "5",
+                        "startTime": RUNNING["startTime"], "spec": {"sourceRef": {"name": "src"}}}
+    assert assignments("rj", {}, {**RUNNING, "phase": "Failed", "targets": targets}) == {}
 
 
 def test_rate_units() -> None:

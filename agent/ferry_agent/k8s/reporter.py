@@ -1,5 +1,7 @@
 """Liveness (a coordination.k8s.io Lease) and this replica's own WeightSource entry.
 
+The Lease also carries this pod's RefitJob assignments and reports (jobs.py).
+
 Each agent renews `ferry-agent-<pod>` and server-side-applies only its own
 entry in `status.members` of every WeightSource selecting its pod, under its own
 field manager (`ferry-agent/<pod>`). On shutdown it stops the heartbeat first
@@ -18,12 +20,12 @@ from typing import Any
 
 from kubernetes import client
 
-from ferry_api import GROUP, VERSION, ssa
+from ferry_api import GROUP, VERSION, leases, ssa
 from ferry_api.meta import selector_matches
 from ferry_api.weightsource import WeightSource
 
 log = logging.getLogger(__name__)
-LEASE_LABEL = "ferry.dev/agent-lease"
+LEASE_LABEL = leases.LEASE_LABEL
 
 # Agent.state -> ReplicaStatus.state
 STATES = {
@@ -62,7 +64,7 @@ class Reporter:
         self.lease_seconds = lease_seconds
         self.renew_seconds = renew_seconds
         self.manager = ssa.agent_manager(ident.pod)
-        self.lease_name = f"ferry-agent-{ident.pod}"[:253]
+        self.lease_name = leases.lease_name(ident.pod)
         self._lock = threading.Lock()  # serializes writes against shutdown
         self._closing = False
         self._wake = threading.Event()

@@ -5,16 +5,18 @@ Real etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok
 process (`simagents.py`: real agent write paths, no bytes moved). For each N:
 
 - `assigned_s`: from the create call returning (the job is stored) until a watch
-  shows every target with an assignment;
-- `complete_s`: from the last simulated agent's Done write returning until the
-  job is Complete;
+  shows every target with an assignment in the job's status;
+- `assigned_on_leases_s`: until every target's assignment is on its agent's Lease,
+  where the agent watches for it;
+- `complete_s`: from the last simulated agent's Done report returning until the
+  job is Complete (the operator folds reports once a second);
 - `job_bytes`: the job as stored in etcd (read with etcdctl: the value bytes under
   /registry/ferry.dev/refitjobs/NS/NAME, managedFields included), with every target
   in flight, at Complete, and a second after;
 - operator RSS and CPU from /proc of the operator process;
 - apiserver requests: the delta of `apiserver_request_total` from its /metrics.
 
-The baseline measured in the same run is one agent status write's round trip
+The baseline measured in the same run is one agent report's round trip
 (`write_p50_s`): `assigned_s` reads as that many round trips.
 """
 
@@ -40,7 +42,7 @@ from typing import Any
 from kubernetes import client as k8s_client
 from kubernetes import watch as k8s_watch
 
-from ferry_api import GROUP, VERSION
+from ferry_api import GROUP, VERSION, leases
 
 from ..dev.controlplane import ControlPlane
 from ..dev.kwok import GPU_RESOURCE, Kwok
@@ -123,7 +125,7 @@ def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, int]:
 
 
 def _managers(obj: dict[str, Any]) -> int:
-    """managedFields entries on the job (the operator's and the agents' shared one)."""
+    """managedFields entries on the job (the operator's alone, since agents report on Leases)."""
     return len(obj["metadata"].get("managedFields") or [])
 
 
@@ -164,14 +166,11 @@ def _wait(pred: Any, timeout: float, what: str, every: float = 0.02) -> None:
 
 
 class JobWatch(threading.Thread):
-    """Watches the job and plays the agents' side: a newly assigned target reports
-    Pulling."""
+    """Watches the job: when its status shows every target assigned, and Complete."""
 
-    def __init__(self, api: k8s_client.ApiClient, fleet: Fleet, ns: str, name: str, targets: int):
+    def __init__(self, api: k8s_client.ApiClient, ns: str, name: str, targets: int):
         super().__init__(name="job-watch", daemon=True)
-        self.api, self.fleet, self.ns, self.name, self.targets = api, fleet, ns, name, targets
-        self.assigned: set[str] = set()
-        self.pulling_writes: list[float] = []
+        self.api, self.ns, self.name, self.targets = api, ns, name, targets
         self.t_all_assigned: float | None = None
         self.t_complete: float | None = None
         self.last: dict[str, Any] = {}
@@ -193,20 +192,53 @@ class JobWatch(threading.Thread):
     def _see(self, job: dict[str, Any], now: float) -> None:
         self.last = job
         status = job.get("status") or {}
-        for i, e in enumerate(status.get("targets") or []):
-            pod, agent = e["pod"], self.fleet.agents.get(e["pod"])
-            if agent is None:
-                continue
-            if e.get("attempts") and pod not in self.assigned:
-                self.assigned.add(pod)
-                fut = self.fleet.submit(agent.report, self.name, e["attempts"], "Pulling", 0,
-                                        None, (i, e))
-                fut.add_done_callback(self._pulled)
-        if self.t_all_assigned is None and len(self.assigned) >= self.targets:
+        assigned = sum(1 for e in status.get("targets") or [] if e.get("attempts"))
+        if self.t_all_assigned is None and assigned >= self.targets:
             self.t_all_assigned = now
         if self.t_complete is None and any(c["type"] == "Complete" and c["status"] == "True"
                                            for c in status.get("conditions") or []):
             self.t_complete = now
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class LeaseWatch(threading.Thread):
+    """Plays the agents' side: one watch on every agent Lease of the namespace stands in
+    for each agent's watch of its own. A target whose Lease shows its assignment reports
+    Pulling on its Lease (the real agent's write path)."""
+
+    def __init__(self, api: k8s_client.ApiClient, fleet: Fleet, ns: str, targets: int):
+        super().__init__(name="lease-watch", daemon=True)
+        self.api, self.fleet, self.ns, self.targets = api, fleet, ns, targets
+        self.rung: dict[str, tuple[str, int]] = {}  # pod -> (job uid, attempt) seen assigned
+        self.pulling_writes: list[float] = []
+        self.t_all_rung: float | None = None
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        coord = k8s_client.CoordinationV1Api(self.api)
+        while not self._stop.is_set():
+            w = k8s_watch.Watch()
+            for ev in w.stream(coord.list_namespaced_lease, self.ns, label_selector=leases.LEASE_LABEL,
+                               timeout_seconds=30):
+                if self._stop.is_set():
+                    w.stop()
+                    break
+                if ev["type"] in ("ADDED", "MODIFIED"):
+                    self._see(ev["object"], time.monotonic())
+
+    def _see(self, lease: Any, now: float) -> None:
+        pod = lease.spec.holder_identity
+        agent = self.fleet.agents.get(pod)
+        if agent is None or pod in self.rung:
+            return
+        for uid, job in leases.read(lease.metadata.annotations, leases.ASSIGN).items():
+            self.rung[pod] = (uid, int(job["attempt"]))
+            fut = self.fleet.submit(agent.report, uid, int(job["attempt"]), "Pulling", 0)
+            fut.add_done_callback(self._pulled)
+        if self.t_all_rung is None and len(self.rung) >= self.targets:
+            self.t_all_rung = now
 
     def _pulled(self, fut: Any) -> None:
         if not fut.cancelled() and fut.exception() is None:
@@ -216,22 +248,25 @@ class JobWatch(threading.Thread):
         self._stop.set()
 
 
-def _measure(b: Bench, r: dict[str, Any], watch: JobWatch, fleet: Fleet, op: OperatorProcess, ns: str,
-             tgts: list[str], t_stored: float, req0: dict[str, float], cpu0: dict[str, float],
-             timeout: float) -> None:
+def _measure(b: Bench, r: dict[str, Any], watch: JobWatch, agents: LeaseWatch, fleet: Fleet,
+             op: OperatorProcess, ns: str, tgts: list[str], t_stored: float, req0: dict[str, float],
+             cpu0: dict[str, float], timeout: float) -> None:
     custom = k8s_client.CustomObjectsApi(b.api)
     n = len(tgts)
     _wait(lambda: watch.t_all_assigned is not None, timeout, "every target to be assigned")
     assert watch.t_all_assigned is not None
     r["assigned_s"] = round(watch.t_all_assigned - t_stored, 3)
-    _wait(lambda: len(watch.pulling_writes) >= n or fleet.errors, timeout, "Pulling reports")
+    _wait(lambda: agents.t_all_rung is not None, timeout, "every assignment on its agent's Lease")
+    assert agents.t_all_rung is not None
+    r["assigned_on_leases_s"] = round(agents.t_all_rung - t_stored, 3)
+    _wait(lambda: len(agents.pulling_writes) >= n or fleet.errors, timeout, "Pulling reports")
     if fleet.errors:
         raise RuntimeError(f"agent writes failed: {fleet.errors[:3]}")
     t_pulling = time.monotonic()
     r["pulling_reported_s"] = round(t_pulling - t_stored, 3)
     size_inflight = b.stored_bytes(ns, "refit")
     managers_inflight = _managers(custom.get_namespaced_custom_object(GROUP, VERSION, ns, "refitjobs", "refit"))
-    done_writes = [f.result() for f in [fleet.submit(fleet.agents[p].report, "refit", 1, "Done",
+    done_writes = [f.result() for f in [fleet.submit(fleet.agents[p].report, *agents.rung[p], "Done",
                                                      WEIGHT_BYTES, 0.5) for p in tgts]]
     t_reported = time.monotonic()
     r["done_reports_s"] = round(t_reported - t_pulling, 3)
@@ -244,7 +279,7 @@ def _measure(b: Bench, r: dict[str, Any], watch: JobWatch, fleet: Fleet, op: Ope
     final = custom.get_namespaced_custom_object(GROUP, VERSION, ns, "refitjobs", "refit")
     size_final = b.stored_bytes(ns, "refit")
     req2, cpu2 = b.requests(), _proc_stats(op.proc.pid)
-    writes = watch.pulling_writes + done_writes
+    writes = agents.pulling_writes + done_writes
     r.update({
         "write_p50_s": round(statistics.median(writes), 4),
         "write_retries": fleet.retries,
@@ -314,8 +349,10 @@ def run_one(b: Bench, n: int, sources: int, strategy: str, max_fan_out: int, lea
         setup_s = time.monotonic() - t_setup
         time.sleep(2)  # let the operator settle after start-up before the clock runs
 
-        watch = JobWatch(b.api, fleet, ns, "refit", n)
+        watch = JobWatch(b.api, ns, "refit", n)
         watch.start()
+        agents = LeaseWatch(b.api, fleet, ns, n)
+        agents.start()
         req0, cpu0 = b.requests(), _proc_stats(op.proc.pid)
         custom.create_namespaced_custom_object(GROUP, VERSION, ns, "refitjobs", {
             "apiVersion": f"{GROUP}/{VERSION}", "kind": "RefitJob", "metadata": {"name": "refit"},
@@ -328,24 +365,25 @@ def run_one(b: Bench, n: int, sources: int, strategy: str, max_fan_out: int, lea
                              "nodes": len({pods[p].spec.node_name for p in tgts}),
                              "setup_s": round(setup_s, 2)}
         try:
-            _measure(b, r, watch, fleet, op, ns, tgts, t_stored, req0, cpu0, timeout)
+            _measure(b, r, watch, agents, fleet, op, ns, tgts, t_stored, req0, cpu0, timeout)
         except (TimeoutError, RuntimeError) as exc:
             # A run that cannot finish still says how far it got and what it cost.
             r["error"] = str(exc)
             now = _proc_stats(op.proc.pid)
-            r["reported"] = {"pulling": len(watch.pulling_writes)}
+            r["reported"] = {"pulling": len(agents.pulling_writes)}
             r["elapsed_s"] = round(time.monotonic() - t_stored, 1)
             r["job_bytes"] = {"at_error": b.stored_bytes(ns, "refit")}
             r["managed_fields_entries"] = {"at_error": _managers(watch.last)}
             r["operator"] = {"rss_mb": round(now["rss_mb"], 1), "rss_peak_mb": round(now["rss_peak_mb"], 1),
                              "cpu_s_job": round(now["cpu_s"] - cpu0["cpu_s"], 2)}
             r["apiserver_requests"] = {"job": _delta(b.requests(), req0)}
-            if watch.pulling_writes:
-                r["write_p50_s"] = round(statistics.median(watch.pulling_writes), 4)
+            if agents.pulling_writes:
+                r["write_p50_s"] = round(statistics.median(agents.pulling_writes), 4)
         return r
     finally:
         if "watch" in locals():
             watch.stop()
+            agents.stop()
         fleet.stop()
         if op is not None:  # the job's finalizer is the operator's to remove
             try:
@@ -425,8 +463,8 @@ def register(sub: Any) -> None:
     p.add_argument("--lease-seconds", type=int, default=60, help="agent Lease duration (agents: 15)")
     p.add_argument("--renew-seconds", type=float, default=20.0, help="agent Lease renewal (agents: 5)")
     p.add_argument("--timeout", type=float, default=300.0)
-    p.add_argument("--agent-writers", type=int, default=4,
-                   help="simulated agents' job writes in flight at once (see simagents.Fleet)")
+    p.add_argument("--agent-writers", type=int, default=8,
+                   help="simulated agents' reports in flight at once (see simagents.Fleet)")
     p.add_argument("--operator-path", help="run the operator from this checkout instead (before/after)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--out", help="also write the JSON here")

@@ -1,9 +1,10 @@
 """RefitJob: resolve the version, assign sources to targets, aggregate progress.
 
-Per-target entries are shared: the operator applies `source` and `attempts` (the
-assignment, server-side apply), the target's agent patches the rest and says which
-attempt it describes (`observedAttempt`; ferry_agent.k8s.jobs). A new attempt is
-assigned by bumping `attempts`; the agent notices and pulls again.
+The operator alone writes the job's status. A target's agent learns of its
+attempt from an assignment on its own Lease and reports on that Lease
+(ferry_api.leases); each reconcile folds the reports into the per-target entries
+(`observedAttempt`, `phase`, `bytes`, ...) and writes the job once. A new attempt
+is assigned by bumping `attempts`; the assignment on the Lease follows.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class World:
     now: datetime
     expired: set[str] = field(default_factory=set)  # pods whose agent Lease expired
     labels: dict[str, dict[str, str]] = field(default_factory=dict)  # target pod -> labels
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # pod -> its agent's report
 
 
 @dataclass
@@ -51,6 +53,40 @@ def parse_time(value: str | None) -> datetime | None:
 
 def _stamp(t: datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# What an agent's report sets on its entry (ferry_api.leases), and the limits the
+# CRD puts on them: a report is an annotation anyone with Lease access could edit,
+# and one bad value must not make the whole status write fail.
+REPORTED = ("phase", "bytes", "reason", "message", "seconds")
+REPORTED_PHASES = ("Pulling", "Done", "Failed")
+
+
+def fold(entry: dict[str, Any], report: dict[str, Any] | None) -> dict[str, Any]:
+    """`entry` with its agent's report on it; the report's attempt becomes observedAttempt.
+
+    A report on an attempt never assigned, older than the one the entry describes, or
+    that would reopen a finished attempt, changes nothing."""
+    if not report:
+        return entry
+    n, phase = report.get("attempt"), report.get("phase")
+    seen = entry.get("observedAttempt") or 0
+    if not isinstance(n, int) or isinstance(n, bool) or phase not in REPORTED_PHASES:
+        return entry
+    if not 1 <= n <= (entry.get("attempts") or 0) or n < seen:
+        return entry
+    if n == seen and entry.get("phase") in ("Done", "Failed"):
+        return entry
+    out = {k: v for k, v in entry.items() if k not in REPORTED} | {"observedAttempt": n, "phase": phase}
+    nbytes, seconds = report.get("bytes"), report.get("seconds")
+    if isinstance(nbytes, int) and not isinstance(nbytes, bool) and nbytes >= 0:
+        out["bytes"] = nbytes
+    if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds >= 0:
+        out["seconds"] = float(seconds)
+    for key, limit in (("reason", 128), ("message", 1024)):
+        if isinstance(report.get(key), str) and report[key]:
+            out[key] = report[key][:limit]
+    return out
 
 
 def target_phase(entry: dict[str, Any], backoff_limit: int, lost: bool = False) -> str:
@@ -96,7 +132,7 @@ def compute_status(spec: RefitJobSpec, status: dict[str, Any], generation: int, 
     if status.get("fingerprint") or src_status.get("fingerprint"):
         out["fingerprint"] = status.get("fingerprint") or src_status.get("fingerprint")
 
-    entries = {e["pod"]: e for e in status.get("targets") or []}
+    entries = {e["pod"]: fold(e, world.reports.get(e["pod"])) for e in status.get("targets") or []}
     names = sorted(set(world.targets) | {p for p, e in entries.items() if e.get("attempts")})
     phases = {p: target_phase(entries.get(p, {}), spec.backoff_limit, p in world.expired)
               for p in names}
@@ -114,8 +150,8 @@ def compute_status(spec: RefitJobSpec, status: dict[str, Any], generation: int, 
         (entries[p].get("bytes") or 0) if phases[p] != "Done" else max(entries[p].get("bytes") or 0, per_target)
         for p in names if p in entries)
 
-    # Operator-owned part of each entry: keep every assignment made so far.
-    own = {p: _owned(e) for p, e in entries.items() if e.get("attempts")}
+    # Keep every entry with an assignment made so far.
+    own = {p: e for p, e in entries.items() if e.get("attempts")}
     own |= {p: entries[p] for p in unfit if p in entries and not entries[p].get("attempts")}
     assigned: dict[str, tuple[str, ...]] = {}
     conds: list[Cond]
@@ -168,7 +204,9 @@ def compute_status(spec: RefitJobSpec, status: dict[str, Any], generation: int, 
                                              sources)
         for pod, upstream in plan_.assign.items():
             attempts = (entries.get(pod, {}).get("attempts") or 0) + 1
-            own[pod] = {"pod": pod, "source": ",".join(upstream), "attempts": attempts}
+            # The last attempt's outcome stays until the agent reports on this one.
+            own[pod] = {**entries.get(pod, {}), "pod": pod, "source": ",".join(upstream),
+                        "attempts": attempts}
             assigned[pod] = upstream
         phase = "Running"
         waiting = len(plan_.waiting) + len(plan_.exhausted)
@@ -204,8 +242,17 @@ def compute_status(spec: RefitJobSpec, status: dict[str, Any], generation: int, 
     return Decision(out, delete, assigned)
 
 
-def _owned(entry: dict[str, Any]) -> dict[str, Any]:
-    return {"pod": entry["pod"], "source": entry["source"], "attempts": entry["attempts"]}
+def assignments(name: str, spec: dict[str, Any], status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """pod -> the attempt its agent must run now (the Lease annotation, ferry_api.leases):
+    every target with an attempt in hand while the job runs. Everything the agent needs
+    is in it, so no agent ever reads the (large) job object."""
+    if status.get("phase") in TERMINAL:
+        return {}
+    base = {"job": name, "version": status.get("version"), "startTime": status.get("startTime"),
+            "spec": spec}
+    return {e["pod"]: {**base, "attempt": e["attempts"], "source": e.get("source") or ""}
+            for e in status.get("targets") or []
+            if target_phase(e, 1 << 30) in ("Assigned", "Pulling")}
 
 
 def _state(pod: str, entry: dict[str, Any], phase: str, node: str | None) -> TargetState:

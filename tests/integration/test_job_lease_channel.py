@@ -1,0 +1,110 @@
+"""The RefitJob channel between the operator and an agent, against the real apiserver
+and the real operator: the assignment on the agent's Lease, the agent's report on
+the same Lease folded into the job (ferry_api.leases).
+
+The writes on the agent's side are the real JobRunner's (`_write`); no bytes move
+here (the agent's pulls have their own process tests in tests/e2e).
+"""
+
+from __future__ import annotations
+
+from kubernetes import client as k8s_client
+
+from ferry_agent.k8s.jobs import JobRunner
+from ferry_agent.k8s.reporter import Identity, Reporter
+from ferry_api import leases, ssa
+from tests.kube_helpers import GROUP, VERSION, cond, create, get, make_pod, wait_for
+
+WS = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "WeightSource", "metadata": {"name": "src"},
+      "spec": {"model": {"name": "llama"}, "selector": {"matchLabels": {"app": "trainer"}}}}
+JOB = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "RefitJob", "metadata": {"name": "rj"},
+       "spec": {"sourceRef": {"name": "src"}, "targets": {"matchLabels": {"app": "inference"}}}}
+READY = {"state": "Ready", "version": "9", "fingerprint": "fp", "tensors": 2, "bytes": 4096}
+
+
+def lease_annotations(api: k8s_client.ApiClient, ns: str, pod: str) -> dict[str, str]:
+    lease = k8s_client.CoordinationV1Api(api).read_namespaced_lease(leases.lease_name(pod), ns)
+    return dict(lease.metadata.annotations or {})
+
+
+def assignment(api: k8s_client.ApiClient, ns: str, pod: str) -> dict | None:
+    found = leases.read(lease_annotations(api, ns, pod), leases.ASSIGN)
+    return next(iter(found.values()), None)
+
+
+def entry(api: k8s_client.ApiClient, ns: str, pod: str) -> dict:
+    targets = get(api, "refitjobs", ns, "rj").get("status", {}).get("targets") or []
+    return next((e for e in targets if e["pod"] == pod), {})
+
+
+def start_agents(api: k8s_client.ApiClient, ns: str) -> list[Reporter]:
+    create(api, ns, "weightsources", WS)
+    make_pod(api, ns, "trainer-0", {"app": "trainer"})
+    make_pod(api, ns, "t-0", {"app": "inference"})
+    return [Reporter(Identity("trainer-0", ns, None, "10.0.0.1:7470"), lambda: READY, api,
+                     renew_seconds=1).start(),
+            Reporter(Identity("t-0", ns, None, "10.0.0.2:7470"), lambda: {"state": "Empty"}, api,
+                     renew_seconds=1).start()]
+
+
+def test_assignment_on_the_lease_reports_folded_into_the_job(
+        api_client: k8s_client.ApiClient, namespace: str, operator) -> None:
+    reporters = start_agents(api_client, namespace)
+    job = create(api_client, namespace, "refitjobs", JOB)
+    uid = job["metadata"]["uid"]
+    got = wait_for(lambda: assignment(api_client, namespace, "t-0"), what="assignment on t-0's Lease")
+    assert got == {"job": "rj", "attempt": 1, "source": "trainer-0", "version": "9",
+                   "startTime": get(api_client, "refitjobs", namespace, "rj")["status"]["startTime"],
+                   "spec": get(api_client, "refitjobs", namespace, "rj")["spec"]}
+
+    runner = JobRunner(None, Identity("t-0", namespace, None, "10.0.0.2:7470"), api_client)
+    runner._write(uid, {"attempt": 1, "endpoint": "10.0.0.2:7470", "phase": "Pulling", "bytes": 1024})
+    wait_for(lambda: entry(api_client, namespace, "t-0").get("phase") == "Pulling", what="Pulling folded")
+    assert entry(api_client, namespace, "t-0")["bytes"] == 1024
+    runner._write(uid, {"attempt": 1, "endpoint": "10.0.0.2:7470", "phase": "Done", "bytes": 4096,
+                        "seconds": 0.25})
+    done = wait_for(lambda: (o := get(api_client, "refitjobs", namespace, "rj"))
+                    ["status"].get("phase") == "Succeeded" and o, what="Succeeded")
+    assert cond(done, "Complete")["status"] == "True"
+    assert entry(api_client, namespace, "t-0") == {
+        "pod": "t-0", "source": "trainer-0", "attempts": 1, "observedAttempt": 1, "phase": "Done",
+        "bytes": 4096, "seconds": 0.25}
+    # The outcome is folded: the assignment comes off the Lease; the Done report stays there
+    # (a downstream target of a chain reads its upstream's endpoint from it).
+    wait_for(lambda: assignment(api_client, namespace, "t-0") is None, what="assignment removed")
+    assert leases.read(lease_annotations(api_client, namespace, "t-0"), leases.REPORT)[uid]["phase"] == "Done"
+    managers = {m["manager"] for m in done["metadata"]["managedFields"] if m.get("subresource") == "status"}
+    assert managers == {ssa.OPERATOR_MANAGER}, "the job's status is the operator's alone"
+    for r in reporters:
+        r.stop()
+
+
+def test_deleting_a_running_job_takes_the_assignment_off_and_waits_for_the_pull(
+        api_client: k8s_client.ApiClient, namespace: str, operator) -> None:
+    reporters = start_agents(api_client, namespace)
+    uid = create(api_client, namespace, "refitjobs", JOB)["metadata"]["uid"]
+    wait_for(lambda: assignment(api_client, namespace, "t-0"), what="assignment on t-0's Lease")
+    runner = JobRunner(None, Identity("t-0", namespace, None, "10.0.0.2:7470"), api_client)
+    runner._write(uid, {"attempt": 1, "endpoint": "10.0.0.2:7470", "phase": "Pulling", "bytes": 1})
+    wait_for(lambda: entry(api_client, namespace, "t-0").get("phase") == "Pulling", what="Pulling folded")
+
+    k8s_client.CustomObjectsApi(api_client).delete_namespaced_custom_object(
+        GROUP, VERSION, namespace, "refitjobs", "rj")
+    wait_for(lambda: assignment(api_client, namespace, "t-0") is None, what="assignment taken off")
+    assert get(api_client, "refitjobs", namespace, "rj")["metadata"]["finalizers"], \
+        "the finalizer waits while the target reports Pulling"
+    runner._write(uid, {"attempt": 1, "endpoint": "10.0.0.2:7470", "phase": "Failed",
+                        "reason": "Cancelled", "message": "the job was deleted"})
+    last: dict = {}
+
+    def gone() -> bool:
+        try:
+            last.update(entry(api_client, namespace, "t-0"))
+            return False
+        except k8s_client.ApiException as exc:
+            return exc.status == 404
+
+    wait_for(gone, what="the job released once its pull ended")
+    assert last["phase"] == "Failed" and last["reason"] == "Cancelled", "the last word is seen on the job"
+    for r in reporters:
+        r.stop()
