@@ -175,18 +175,19 @@ class RefitJobSpec(ApiModel):
 
 class TargetStatus(ApiModel):
     """One target's entry, written by the operator: the assignment (`source`, `attempts`)
-    and the outcome of attempt `observedAttempt`, folded from the report the target's
-    agent writes on its own Lease."""
+    and, folded from the report the target's agent writes on its own Lease, how the
+    current attempt goes."""
 
     pod: str = Field(description="Target pod name.", min_length=1, max_length=253)
     source: str | None = Field(default=None, description="Pod (or pods, comma-separated) it pulls from.", max_length=1024)
     attempts: int | None = Field(default=None, ge=0, description="Attempts assigned so far (operator).")
-    observed_attempt: int | None = Field(
-        default=None, ge=0, description="The attempt the agent's phase, bytes and reason describe."
+    phase: TargetPhase | None = Field(
+        default=None, description="Of the current attempt: Pulling, Done or Failed; unset: assigned, not started."
     )
-    phase: TargetPhase | None = Field(default=None, description="Pending, Assigned, Pulling, Done or Failed.")
     bytes: int | None = Field(default=None, ge=0, description="Bytes pulled so far.")
-    reason: str | None = Field(default=None, description="CamelCase reason of the last failure.", max_length=128)
+    reason: str | None = Field(
+        default=None, description="CamelCase reason of the last failure (kept while a retry is assigned).", max_length=128
+    )
     message: str | None = Field(default=None, description="Detail of the last failure.", max_length=1024)
     seconds: float | None = Field(default=None, ge=0, description="Duration of the successful pull.")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,8 @@ from ferry_api.weightsource import WeightSource, WeightSourceSpec
 from . import kube, metrics
 from .conditions import Cond, set_conditions, transitions
 from .handlers import artifactcache, refit_transform, refitjob, weightsource
+
+log = logging.getLogger(__name__)
 
 
 def _pods(namespace: str, selector: str) -> dict[str, str | None]:
@@ -153,7 +156,11 @@ def _assign(namespace: str, uid: str, agents: kube.AgentLeases, want: dict[str, 
     key = leases.ASSIGN + uid
     changes: dict[str, dict[str, str | None]] = {
         pod: {key: want.get(pod)} for pod, ann in agents.annotations.items() if ann.get(key) != want.get(pod)}
-    kube.annotate_leases(namespace, changes)
+    if changes:
+        started = time.monotonic()
+        wrote = kube.annotate_leases(namespace, changes)
+        log.info("job %s: %d assignment change(s) written to agent Leases in %.2fs", uid, wrote,
+                 time.monotonic() - started)
 
 
 def _count_finished(status: dict, old: dict) -> None:

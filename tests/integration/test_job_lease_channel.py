@@ -67,7 +67,7 @@ def test_assignment_on_the_lease_reports_folded_into_the_job(
                     ["status"].get("phase") == "Succeeded" and o, what="Succeeded")
     assert cond(done, "Complete")["status"] == "True"
     assert entry(api_client, namespace, "t-0") == {
-        "pod": "t-0", "source": "trainer-0", "attempts": 1, "observedAttempt": 1, "phase": "Done",
+        "pod": "t-0", "source": "trainer-0", "attempts": 1, "phase": "Done",
         "bytes": 4096, "seconds": 0.25}
     # The outcome is folded: the assignment comes off the Lease; the Done report stays there
     # (a downstream target of a chain reads its upstream's endpoint from it).

@@ -66,21 +66,19 @@ def test_already_assigned_target_is_not_reassigned() -> None:
 
 def test_failed_attempt_retries_on_another_source() -> None:
     status = {"phase": "Running", "version": "5", "startTime": "2026-01-01T00:00:00Z",
-              "targets": [{"pod": "t0", "source": "s0", "attempts": 1, "observedAttempt": 1,
-                           "phase": "Failed", "reason": "PeerUnavailable"}]}
+              "targets": [{"pod": "t0", "source": "s0", "attempts": 1, "phase": "Failed", "reason": "PeerUnavailable"}]}
     d = compute_status(spec(), status, 1, world(source("s0", "s1"), ["t0"]))
     assert d.assigned == {"t0": ("s1",)}
-    # The first attempt's outcome stays until the agent reports on the second.
-    assert d.status["targets"] == [{"pod": "t0", "source": "s1", "attempts": 2, "observedAttempt": 1,
-                                    "phase": "Failed", "reason": "PeerUnavailable"}]
+    # A new attempt has no phase yet; the last failure's reason stays until the agent reports.
+    assert d.status["targets"] == [{"pod": "t0", "source": "s1", "attempts": 2, "reason": "PeerUnavailable"}]
     assert target_phase(d.status["targets"][0], 3) == "Assigned"
 
 
 def test_backoff_exhausted_fails_job_with_reason_once_others_finish() -> None:
     status = {"phase": "Running", "version": "5", "startTime": "2026-01-01T00:00:00Z", "targets": [
-        {"pod": "bad", "source": "s1", "attempts": 2, "observedAttempt": 2, "phase": "Failed",
+        {"pod": "bad", "source": "s1", "attempts": 2, "phase": "Failed",
          "reason": "LayoutMismatch", "message": "w: dtype"},
-        {"pod": "good", "source": "s0", "attempts": 1, "observedAttempt": 1, "phase": "Done", "bytes": 1000}]}
+        {"pod": "good", "source": "s0", "attempts": 1, "phase": "Done", "bytes": 1000}]}
     d = compute_status(spec(backoffLimit=1), status, 1, world(source("s0", "s1"), ["bad", "good"],
                                                                 now=T0 + timedelta(seconds=4)))
     st = d.status
@@ -91,7 +89,7 @@ def test_backoff_exhausted_fails_job_with_reason_once_others_finish() -> None:
 
 def test_all_done_completes_with_throughput() -> None:
     status = {"phase": "Running", "version": "5", "startTime": "2026-01-01T00:00:00Z", "targets": [
-        {"pod": f"t{i}", "source": "s0", "attempts": 1, "observedAttempt": 1, "phase": "Done",
+        {"pod": f"t{i}", "source": "s0", "attempts": 1, "phase": "Done",
          "bytes": 2_000_000_000} for i in range(2)]}
     d = compute_status(spec(), status, 1, world(source("s0"), ["t0", "t1"], now=T0 + timedelta(seconds=2)))
     st = d.status
@@ -122,15 +120,15 @@ def test_ttl_after_finished_deletes() -> None:
 
 def test_target_phase_from_shared_entry() -> None:
     assert target_phase({}, 3) == "Pending"
-    assert target_phase({"attempts": 2, "observedAttempt": 1, "phase": "Failed"}, 3) == "Assigned"
-    assert target_phase({"attempts": 2, "observedAttempt": 2, "phase": "Pulling"}, 3) == "Pulling"
-    assert target_phase({"attempts": 2, "observedAttempt": 2, "phase": "Failed"}, 3) == "Retry"
-    assert target_phase({"attempts": 4, "observedAttempt": 4, "phase": "Failed"}, 3) == "Failed"
+    assert target_phase({"attempts": 2, "reason": "PeerUnavailable"}, 3) == "Assigned"
+    assert target_phase({"attempts": 2, "phase": "Pulling"}, 3) == "Pulling"
+    assert target_phase({"attempts": 2, "phase": "Failed"}, 3) == "Retry"
+    assert target_phase({"attempts": 4, "phase": "Failed"}, 3) == "Failed"
 
 
 def test_tree_relays_through_finished_targets() -> None:
     status = {"phase": "Running", "version": "5", "startTime": "2026-01-01T00:00:00Z", "targets": [
-        {"pod": "t0", "source": "s0", "attempts": 1, "observedAttempt": 1, "phase": "Done",
+        {"pod": "t0", "source": "s0", "attempts": 1, "phase": "Done",
          "endpoint": "t0:1"}]}
     d = compute_status(spec(strategy={"type": "tree", "maxFanOut": 1}), status, 1,
                        world(source("s0"), ["t0", "t1", "t2"]))
@@ -139,11 +137,11 @@ def test_tree_relays_through_finished_targets() -> None:
 
 def test_target_whose_agent_lease_expired_is_retried_then_failed() -> None:
     status = {"phase": "Running", "version": "5", "startTime": "2026-01-01T00:00:00Z",
-              "targets": [{"pod": "t0", "source": "s0", "attempts": 1, "observedAttempt": 1, "phase": "Pulling"}]}
+              "targets": [{"pod": "t0", "source": "s0", "attempts": 1, "phase": "Pulling"}]}
     w = World(source("s0"), {"t0": None}, {"s0"}, T0, expired={"t0"})
     d = compute_status(spec(), status, 1, w)
     assert d.assigned == {"t0": ("s0",)} and d.status["targets"][0]["attempts"] == 2
-    status["targets"][0].update(attempts=4, observedAttempt=4)
+    status["targets"][0].update(attempts=4)
     d = compute_status(spec(), status, 1, w)
     assert d.status["phase"] == "Failed" and cond(d.status, "Failed")["reason"] == "AgentUnavailable"
 
@@ -160,7 +158,7 @@ def test_status_stays_compact_at_1000_targets() -> None:
 
     names = [f"inference-{i:04d}" for i in range(1000)]
     status = {"phase": "Running", "version": "5", "startTime": "2026-01-01T00:00:00Z", "targets": [
-        {"pod": n, "source": "trainer-0", "attempts": 1, "observedAttempt": 1, "phase": "Pulling",
+        {"pod": n, "source": "trainer-0", "attempts": 1, "phase": "Pulling",
          "bytes": 123456789012} for n in names]}
     d = compute_status(spec(), status, 1, world(source("s0"), names))
     size = len(json.dumps(d.status))
@@ -179,28 +177,29 @@ def test_reports_on_leases_are_folded_into_entries() -> None:
                       "t1": {"attempt": 1, "phase": "Pulling", "bytes": 400}})
     st = compute_status(spec(), status, 1, w).status
     assert st["targets"] == [
-        {"pod": "t0", "source": "s0", "attempts": 1, "observedAttempt": 1, "phase": "Done", "bytes": 1000,
+        {"pod": "t0", "source": "s0", "attempts": 1, "phase": "Done", "bytes": 1000,
          "seconds": 0.5},
-        {"pod": "t1", "source": "s0", "attempts": 1, "observedAttempt": 1, "phase": "Pulling", "bytes": 400}]
+        {"pod": "t1", "source": "s0", "attempts": 1, "phase": "Pulling", "bytes": 400}]
     assert st["bytesDone"] == 1400 and st["targetsSummary"] == "1/2"
 
 
 def test_a_report_cannot_reopen_skip_or_corrupt_an_entry() -> None:
     from ferry_operator.handlers.refitjob import fold
 
-    done = {"pod": "t0", "source": "s0", "attempts": 2, "observedAttempt": 2, "phase": "Done", "bytes": 9}
+    done = {"pod": "t0", "source": "s0", "attempts": 2, "phase": "Done", "bytes": 9}
     assert fold(done, {"attempt": 2, "phase": "Pulling", "bytes": 1}) == done, "a finished attempt stays"
     assert fold(done, {"attempt": 1, "phase": "Failed"}) == done, "an older attempt's report"
     assert fold(done, {"attempt": 3, "phase": "Pulling"}) == done, "an attempt never assigned"
-    pulling = {"pod": "t0", "source": "s0", "attempts": 2, "observedAttempt": 1, "phase": "Failed",
+    pulling = {"pod": "t0", "source": "s0", "attempts": 2, "phase": "Pulling", "bytes": 3,
                "reason": "PeerUnavailable", "message": "gone"}
     for junk in ({"attempt": "2", "phase": "Done"}, {"attempt": True, "phase": "Done"},
                  {"attempt": 2, "phase": "Exploded"}, {"attempt": 2}):
         assert fold(pulling, junk) == pulling
     got = fold(pulling, {"attempt": 2, "phase": "Done", "bytes": -5, "seconds": "fast",
                          "reason": "x" * 500, "endpoint": "t0:1"})
-    # A new outcome drops the old reason; bad numbers are left out, long text cut to the CRD's limit.
-    assert got == {"pod": "t0", "source": "s0", "attempts": 2, "observedAttempt": 2, "phase": "Done",
+    # A new outcome drops the last failure's reason and the progress; bad numbers are left out,
+    # long text is cut to the CRD's limit.
+    assert got == {"pod": "t0", "source": "s0", "attempts": 2, "phase": "Done",
                    "reason": "x" * 128}
 
 
@@ -208,9 +207,9 @@ def test_assignments_are_the_attempts_in_hand_while_the_job_runs() -> None:
     from ferry_operator.handlers.refitjob import assignments
 
     targets = [{"pod": "a", "source": "s0", "attempts": 1},
-               {"pod": "b", "source": "a", "attempts": 1, "observedAttempt": 1, "phase": "Pulling"},
-               {"pod": "c", "source": "s0", "attempts": 1, "observedAttempt": 1, "phase": "Done"},
-               {"pod": "d", "source": "s0", "attempts": 1, "observedAttempt": 1, "phase": "Failed"}]
+               {"pod": "b", "source": "a", "attempts": 1, "phase": "Pulling"},
+               {"pod": "c", "source": "s0", "attempts": 1, "phase": "Done"},
+               {"pod": "d", "source": "s0", "attempts": 1, "phase": "Failed"}]
     got = assignments("rj", {"sourceRef": {"name": "src"}}, {**RUNNING, "targets": targets})
     assert sorted(got) == ["a", "b"]
     assert got["b"] == {"job": "rj", "attempt": 1, "source": "a", "version": "5",

@@ -166,7 +166,7 @@ def test_target_without_rank_label_fails_with_a_clear_reason_others_proceed() ->
     assert "example.com/rank" in e["bad"]["message"] and "source" not in e["bad"]
     assert e["big"]["reason"] == "RankOutOfRange" and "0..1" in e["big"]["message"]
     # t0 finishes: the job ends Failed, naming the unlabelled target's reason
-    done = {"targets": [{**e["t0"], "observedAttempt": 1, "phase": "Done", "bytes": 1000}],
+    done = {"targets": [{**e["t0"], "phase": "Done", "bytes": 1000}],
             "version": "5", "startTime": "2026-01-01T00:00:00Z"}
     d = compute_status(rj(), done, 1, job_world(src, {"t0": "0", "bad": None, "big": "2"},
                                                  label="example.com/rank"))

@@ -124,12 +124,13 @@ class JobRunner:
                     resource_version=found["metadata"]["resourceVersion"],
                     timeout_seconds=WATCH_TIMEOUT_S,
                     _request_timeout=WATCH_TIMEOUT_S + 10,
+                    deserialize=False,  # plain JSON
                 )
                 for event in stream:
                     if self._stop.is_set():
                         return
                     if event["type"] in ("ADDED", "MODIFIED"):
-                        self._saw(event["object"].metadata.annotations)
+                        self._saw(event["object"]["metadata"].get("annotations"))
             except Exception as exc:  # apiserver away, watch expired (410): list again
                 log.debug("watch of the agent Lease ended: %s", exc)
                 self._stop.wait(1.0)

@@ -221,19 +221,19 @@ class LeaseWatch(threading.Thread):
         while not self._stop.is_set():
             w = k8s_watch.Watch()
             for ev in w.stream(coord.list_namespaced_lease, self.ns, label_selector=leases.LEASE_LABEL,
-                               timeout_seconds=30):
+                               timeout_seconds=30, deserialize=False):  # plain JSON: cheap
                 if self._stop.is_set():
                     w.stop()
                     break
                 if ev["type"] in ("ADDED", "MODIFIED"):
                     self._see(ev["object"], time.monotonic())
 
-    def _see(self, lease: Any, now: float) -> None:
-        pod = lease.spec.holder_identity
+    def _see(self, lease: dict[str, Any], now: float) -> None:
+        pod = (lease.get("spec") or {}).get("holderIdentity")
         agent = self.fleet.agents.get(pod)
         if agent is None or pod in self.rung:
             return
-        for uid, job in leases.read(lease.metadata.annotations, leases.ASSIGN).items():
+        for uid, job in leases.read(lease["metadata"].get("annotations"), leases.ASSIGN).items():
             self.rung[pod] = (uid, int(job["attempt"]))
             fut = self.fleet.submit(agent.report, uid, int(job["attempt"]), "Pulling", 0)
             fut.add_done_callback(self._pulled)

@@ -2,8 +2,8 @@
 
 The operator alone writes the job's status. A target's agent learns of its
 attempt from an assignment on its own Lease and reports on that Lease
-(ferry_api.leases); each reconcile folds the reports into the per-target entries
-(`observedAttempt`, `phase`, `bytes`, ...) and writes the job once. A new attempt
+(ferry_api.leases); each reconcile folds the reports on each target's current
+attempt into its entry (`phase`, `bytes`, ...) and writes the job once. A new attempt
 is assigned by bumping `attempts`; the assignment on the Lease follows.
 """
 
@@ -63,21 +63,15 @@ REPORTED_PHASES = ("Pulling", "Done", "Failed")
 
 
 def fold(entry: dict[str, Any], report: dict[str, Any] | None) -> dict[str, Any]:
-    """`entry` with its agent's report on it; the report's attempt becomes observedAttempt.
-
-    A report on an attempt never assigned, older than the one the entry describes, or
-    that would reopen a finished attempt, changes nothing."""
-    if not report:
+    """`entry` with its agent's report on it. An entry's phase always describes its
+    current attempt (`attempts`; no phase: assigned, not started), so only a report on
+    that attempt counts, and only until the attempt is Done or Failed."""
+    if not report or entry.get("phase") in ("Done", "Failed"):
         return entry
     n, phase = report.get("attempt"), report.get("phase")
-    seen = entry.get("observedAttempt") or 0
-    if not isinstance(n, int) or isinstance(n, bool) or phase not in REPORTED_PHASES:
+    if n != (entry.get("attempts") or 0) or isinstance(n, bool) or phase not in REPORTED_PHASES:
         return entry
-    if not 1 <= n <= (entry.get("attempts") or 0) or n < seen:
-        return entry
-    if n == seen and entry.get("phase") in ("Done", "Failed"):
-        return entry
-    out = {k: v for k, v in entry.items() if k not in REPORTED} | {"observedAttempt": n, "phase": phase}
+    out = {k: v for k, v in entry.items() if k not in REPORTED} | {"phase": phase}
     nbytes, seconds = report.get("bytes"), report.get("seconds")
     if isinstance(nbytes, int) and not isinstance(nbytes, bool) and nbytes >= 0:
         out["bytes"] = nbytes
@@ -90,7 +84,7 @@ def fold(entry: dict[str, Any], report: dict[str, Any] | None) -> dict[str, Any]
 
 
 def target_phase(entry: dict[str, Any], backoff_limit: int, lost: bool = False) -> str:
-    """The effective phase of a target from its shared entry.
+    """The effective phase of a target from its entry.
 
     `lost`: the target's agent Lease expired, so an attempt it had in hand is
     over (its agent died or hangs); the attempt counts as failed."""
@@ -99,8 +93,6 @@ def target_phase(entry: dict[str, Any], backoff_limit: int, lost: bool = False) 
         return "Pending"
     if lost and entry.get("phase") != "Done":
         return "Retry" if attempts <= backoff_limit else "Failed"
-    if (entry.get("observedAttempt") or 0) < attempts:
-        return "Assigned"
     phase = entry.get("phase") or "Assigned"
     if phase == "Failed" and attempts <= backoff_limit:
         return "Retry"
@@ -204,9 +196,10 @@ def compute_status(spec: RefitJobSpec, status: dict[str, Any], generation: int, 
                                              sources)
         for pod, upstream in plan_.assign.items():
             attempts = (entries.get(pod, {}).get("attempts") or 0) + 1
-            # The last attempt's outcome stays until the agent reports on this one.
-            own[pod] = {**entries.get(pod, {}), "pod": pod, "source": ",".join(upstream),
-                        "attempts": attempts}
+            # A new attempt starts without a phase (Assigned); the last failure's reason
+            # and message stay until the agent reports on this one.
+            last = {k: v for k, v in entries.get(pod, {}).items() if k in ("reason", "message")}
+            own[pod] = {"pod": pod, "source": ",".join(upstream), "attempts": attempts, **last}
             assigned[pod] = upstream
         phase = "Running"
         waiting = len(plan_.waiting) + len(plan_.exhausted)
