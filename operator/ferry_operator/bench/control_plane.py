@@ -165,29 +165,41 @@ def _wait(pred: Any, timeout: float, what: str, every: float = 0.02) -> None:
         time.sleep(every)
 
 
-class JobWatch(threading.Thread):
-    """Watches the job: when its status shows every target assigned, and Complete."""
+class _Watcher(threading.Thread):
+    """One watch, re-opened until stop(); every added or changed object goes to _see."""
 
-    def __init__(self, api: k8s_client.ApiClient, ns: str, name: str, targets: int):
-        super().__init__(name="job-watch", daemon=True)
-        self.api, self.ns, self.name, self.targets = api, ns, name, targets
-        self.t_all_assigned: float | None = None
-        self.t_complete: float | None = None
-        self.last: dict[str, Any] = {}
+    def __init__(self, name: str, list_fn: Any, *args: Any, **kw: Any):
+        super().__init__(name=name, daemon=True)
+        self._list, self._args, self._kw = list_fn, args, kw
         self._stop = threading.Event()
 
     def run(self) -> None:
-        custom = k8s_client.CustomObjectsApi(self.api)
         while not self._stop.is_set():
             w = k8s_watch.Watch()
-            for ev in w.stream(custom.list_namespaced_custom_object, GROUP, VERSION, self.ns,
-                               "refitjobs", field_selector=f"metadata.name={self.name}",
-                               timeout_seconds=30):
+            for ev in w.stream(self._list, *self._args, timeout_seconds=30, **self._kw):
                 if self._stop.is_set():
                     w.stop()
                     break
                 if ev["type"] in ("ADDED", "MODIFIED"):
                     self._see(ev["object"], time.monotonic())
+
+    def _see(self, obj: Any, now: float) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class JobWatch(_Watcher):
+    """Watches the job: when its status shows every target assigned, and Complete."""
+
+    def __init__(self, api: k8s_client.ApiClient, ns: str, name: str, targets: int):
+        super().__init__("job-watch", k8s_client.CustomObjectsApi(api).list_namespaced_custom_object,
+                         GROUP, VERSION, ns, "refitjobs", field_selector=f"metadata.name={name}")
+        self.targets = targets
+        self.t_all_assigned: float | None = None
+        self.t_complete: float | None = None
+        self.last: dict[str, Any] = {}
 
     def _see(self, job: dict[str, Any], now: float) -> None:
         self.last = job
@@ -199,34 +211,19 @@ class JobWatch(threading.Thread):
                                            for c in status.get("conditions") or []):
             self.t_complete = now
 
-    def stop(self) -> None:
-        self._stop.set()
 
-
-class LeaseWatch(threading.Thread):
+class LeaseWatch(_Watcher):
     """Plays the agents' side: one watch on every agent Lease of the namespace stands in
     for each agent's watch of its own. A target whose Lease shows its assignment reports
     Pulling on its Lease (the real agent's write path)."""
 
     def __init__(self, api: k8s_client.ApiClient, fleet: Fleet, ns: str, targets: int):
-        super().__init__(name="lease-watch", daemon=True)
-        self.api, self.fleet, self.ns, self.targets = api, fleet, ns, targets
+        super().__init__("lease-watch", k8s_client.CoordinationV1Api(api).list_namespaced_lease, ns,
+                         label_selector=leases.LEASE_LABEL, deserialize=False)  # plain JSON: cheap
+        self.fleet, self.targets = fleet, targets
         self.rung: dict[str, tuple[str, int]] = {}  # pod -> (job uid, attempt) seen assigned
         self.pulling_writes: list[float] = []
         self.t_all_rung: float | None = None
-        self._stop = threading.Event()
-
-    def run(self) -> None:
-        coord = k8s_client.CoordinationV1Api(self.api)
-        while not self._stop.is_set():
-            w = k8s_watch.Watch()
-            for ev in w.stream(coord.list_namespaced_lease, self.ns, label_selector=leases.LEASE_LABEL,
-                               timeout_seconds=30, deserialize=False):  # plain JSON: cheap
-                if self._stop.is_set():
-                    w.stop()
-                    break
-                if ev["type"] in ("ADDED", "MODIFIED"):
-                    self._see(ev["object"], time.monotonic())
 
     def _see(self, lease: dict[str, Any], now: float) -> None:
         pod = (lease.get("spec") or {}).get("holderIdentity")
@@ -243,9 +240,6 @@ class LeaseWatch(threading.Thread):
     def _pulled(self, fut: Any) -> None:
         if not fut.cancelled() and fut.exception() is None:
             self.pulling_writes.append(fut.result())
-
-    def stop(self) -> None:
-        self._stop.set()
 
 
 def _measure(b: Bench, r: dict[str, Any], watch: JobWatch, agents: LeaseWatch, fleet: Fleet,

@@ -15,6 +15,7 @@ from typing import Any
 from kubernetes import client as k8s_client
 
 from ferry_agent.layout import DTYPE_SIZES
+from ferry_api import leases
 from ferry_operator.dev.cluster import DevCluster, demo_layout
 from tests.kube_helpers import GROUP, VERSION, create, get, wait_for
 
@@ -54,6 +55,12 @@ def job_or_none(api: k8s_client.ApiClient, ns: str, name: str) -> dict[str, Any]
 
 def entries(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {e["pod"]: e for e in (job.get("status") or {}).get("targets") or []}
+
+
+def lease_report(api: k8s_client.ApiClient, ns: str, pod: str, uid: str) -> dict[str, Any]:
+    """`pod`'s agent's report on job `uid`, from its Lease ({} if none)."""
+    lease = k8s_client.CoordinationV1Api(api).read_namespaced_lease(leases.lease_name(pod), ns)
+    return leases.read(lease.metadata.annotations, leases.REPORT).get(uid) or {}
 
 
 def ready_source(c: DevCluster, version: str = "1", seed: int = 1, name: str = "policy",

@@ -20,6 +20,7 @@ from tests.e2e.faults.faults_helpers import (
     entries,
     finished,
     job_or_none,
+    lease_report,
     poll,
     ready_source,
     refitjob,
@@ -48,9 +49,11 @@ def test_operator_sigkill_mid_job_restart_resumes_without_repeating_work(cluster
 
     cluster.stop_operator(kill=True)
     k8s_client.CustomObjectsApi(api).delete_namespaced_custom_object(GROUP, VERSION, ns, "refitjobs", "doomed")
-    # The data plane does not need the operator: the pull in flight finishes and is reported.
-    done_while_down = poll(lambda: [p for p, e in entries(get(api, "refitjobs", ns, "refit")).items()
-                                    if e.get("phase") == "Done"],
+    # The data plane does not need the operator: the pull in flight finishes and is
+    # reported on the agent's Lease, to be folded into the job once an operator runs.
+    uid = get(api, "refitjobs", ns, "refit")["metadata"]["uid"]
+    done_while_down = poll(lambda: [p for p in targets(cluster)
+                                    if lease_report(api, ns, p, uid).get("phase") == "Done"],
                            timeout=60, what="a target Done while the operator is down")
     assert job_or_none(api, ns, "doomed") is not None, "nothing may release a finalizer without the operator"
     before = entries(get(api, "refitjobs", ns, "refit"))
