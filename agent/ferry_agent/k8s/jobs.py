@@ -83,14 +83,13 @@ class JobRunner:
         self._current: Attempt | None = None
         self._seen: dict[str, int] = {}  # job uid -> highest attempt started here
         self._finished: list[str] = []  # job uids with a final report, oldest first
-        self._threads: list[threading.Thread] = []
+        self._loop_thread: threading.Thread | None = None
         self.pulls = TransformPulls(agent, ident, api)  # spec.transform: plain or reshard
 
     def start(self) -> JobRunner:
-        for target, name in ((self._watch, "ferry-jobs-watch"), (self._loop, "ferry-jobs")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        threading.Thread(target=self._watch, name="ferry-jobs-watch", daemon=True).start()
+        self._loop_thread = threading.Thread(target=self._loop, name="ferry-jobs", daemon=True)
+        self._loop_thread.start()
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -98,8 +97,10 @@ class JobRunner:
         self._wake.set()
         if self._current is not None:
             self._current.cancel.set()
-        for thread in self._threads:
-            thread.join(timeout)
+        # Only the loop is joined: the watch thread may sit in a read until the next event
+        # or its server timeout, and all it does is hand annotations to the stopped loop.
+        if self._loop_thread is not None:
+            self._loop_thread.join(timeout)
         cur = self._current
         if cur is None or not cur.thread.is_alive():
             self.pulls.close()

@@ -265,9 +265,10 @@ def test_engine_never_reads_a_pull_in_progress(cluster: DevCluster) -> None:
     assert seen[resume + 1:], "the engine read again after resume"
 
 
-# 24 MiB at 0.005 GB/s: the pull takes ~5 s (long enough for a few 24 MiB hashes on 2
-# busy cores); the engine may pause only for the swap.
-@pytest.mark.cluster(sources=1, targets=1, env={"FERRY_PULL_MAX_GBPS": "0.005"})
+# 24 MiB in 1 MiB chunks at 0.01 GB/s: the pull takes ~2.5 s; the engine may pause only
+# for the swap. (In one 24 MiB chunk the cap would not slow the pull at all: the test
+# then passed only while agents polled for assignments every 0.5 s.)
+@pytest.mark.cluster(sources=1, targets=1, env={"FERRY_PULL_MAX_GBPS": "0.01"})
 def test_double_buffer_engine_reads_through_the_pull(cluster: DevCluster) -> None:
     from ferry_agent.client import EngineClient
     from ferry_operator.dev.cluster import digest
@@ -303,7 +304,8 @@ def test_double_buffer_engine_reads_through_the_pull(cluster: DevCluster) -> Non
     wait_for(lambda: get(api, "weightsources", cluster.namespace, "policy")["status"].get("version") == "2",
              what="source at 2")
     t0 = time.monotonic()
-    create(api, cluster.namespace, "refitjobs", refitjob("refit-2", pause={"mode": "doubleBuffer"}))
+    create(api, cluster.namespace, "refitjobs",
+           refitjob("refit-2", pause={"mode": "doubleBuffer"}, strategy={"chunkBytes": 1 << 20}))
     job = finished(cluster, "refit-2")
     time.sleep(0.5)
     stop.set()
@@ -317,4 +319,5 @@ def test_double_buffer_engine_reads_through_the_pull(cluster: DevCluster) -> Non
     assert set(before) == {v1} and after and set(after) == {v2}
     # Each read hashes all 24 MiB; on 2 busy cores that is a few reads per second.
     assert len([ts for ts, _ in reads if t0 < ts < ack]) >= 2, "the engine kept reading during the pull"
+    assert pull_s > 1.0, f"the capped pull took {pull_s:.2f}s"
     assert resumed - ack < 0.1 * pull_s, f"paused {resumed - ack:.3f}s of a {pull_s:.1f}s pull"
