@@ -131,7 +131,7 @@ def refitjob_(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
     d = decision.get("d")
     if d is None:
         return
-    want = refitjob.assignments(name, json.loads(json.dumps(dict(body["spec"]))), d.status)
+    want = refitjob.assignments(name, dict(body["spec"]), d.status)
     _assign(ns, uid, seen["leases"], {pod: leases.encode(a) for pod, a in want.items()})
     metrics.observe_job_phase(uid, d.status["phase"])
     for pod, upstream in d.assigned.items():
@@ -186,16 +186,14 @@ def refitjob_deleted(body: kopf.Body, logger: logging.Logger, runtime: Any, **_:
     _assign(meta["namespace"], meta["uid"], agents, {})
     reports = _reports(agents, meta["uid"])
     entries = [refitjob.fold(e, reports.get(e["pod"])) for e in status.get("targets") or []]
-    if entries != (status.get("targets") or []):
+    folded = entries != (status.get("targets") or [])
+    if folded:
         kube.apply_status(RefitJob, meta["namespace"], meta["name"], {**status, "targets": entries})
-    # Released on a pass that found nothing new to fold, so the last reports are seen
-    # on the job before it goes.
     pulling = [e["pod"] for e in entries if e["pod"] in agents.live
                and refitjob.target_phase(e, 1 << 30) == "Pulling"]
-    if entries != (status.get("targets") or []) and runtime.total_seconds() < 30:
-        raise kopf.TemporaryError(f"folded the last reports; {len(pulling)} target(s) still pulling",
-                                  delay=1)
-    if pulling and runtime.total_seconds() < 30:
+    # Released on a pass that found nothing new to fold, so the last reports are seen
+    # on the job before it goes.
+    if (folded or pulling) and runtime.total_seconds() < 30:
         raise kopf.TemporaryError(f"waiting for {len(pulling)} target(s) to cancel: {', '.join(pulling[:5])}",
                                   delay=1)
     if pulling:

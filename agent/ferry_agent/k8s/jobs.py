@@ -416,8 +416,8 @@ class _ProgressWriter:
 
 
 def _int(value: Any) -> int:
-    """An integer from an annotation anyone could edit; anything else counts as 0."""
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+    """A count from an annotation anyone could edit; anything else counts as 0."""
+    return leases.count(value) or 0
 
 
 def _obj(value: object) -> dict[str, Any]:

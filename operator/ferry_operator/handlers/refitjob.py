@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from ferry_api import leases
 from ferry_api.refitjob import RefitJob, RefitJobSpec
 
 from ..conditions import Cond, is_true, set_conditions
@@ -68,12 +69,12 @@ def fold(entry: dict[str, Any], report: dict[str, Any] | None) -> dict[str, Any]
     that attempt counts, and only until the attempt is Done or Failed."""
     if not report or entry.get("phase") in ("Done", "Failed"):
         return entry
-    n, phase = report.get("attempt"), report.get("phase")
-    if n != (entry.get("attempts") or 0) or isinstance(n, bool) or phase not in REPORTED_PHASES:
+    n, phase = leases.count(report.get("attempt")), report.get("phase")
+    if not n or n != entry.get("attempts") or phase not in REPORTED_PHASES:
         return entry
     out = {k: v for k, v in entry.items() if k not in REPORTED} | {"phase": phase}
-    nbytes, seconds = report.get("bytes"), report.get("seconds")
-    if isinstance(nbytes, int) and not isinstance(nbytes, bool) and nbytes >= 0:
+    nbytes, seconds = leases.count(report.get("bytes")), report.get("seconds")
+    if nbytes is not None:
         out["bytes"] = nbytes
     if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and seconds >= 0:
         out["seconds"] = float(seconds)
