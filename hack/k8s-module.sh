@@ -1,4 +1,4 @@
-# Sourced by hack/envtest.sh and hack/kwok.sh: the one generated main module that
+# Sourced by hack/envtest.sh, hack/kwok.sh and hack/node.sh: the one generated main module that
 # every Kubernetes binary (kube-apiserver, kube-controller-manager,
 # kube-scheduler) is built in. Identical go.mod content means identical
 # dependency versions, so the Go build cache compiled for one serves the others.
@@ -36,4 +36,46 @@ k8s_build() {
       -ldflags "-s -w -X ${pkg}.gitVersion=${version} -X ${pkg}.gitMajor=1 -X ${pkg}.gitMinor=${minor} -X ${pkg}.gitTreeState=clean" \
       "k8s.io/kubernetes/cmd/${cmd}" >&2
   done
+}
+
+# What every hack/*.sh that provides Kubernetes-side binaries shares (envtest.sh,
+# kwok.sh, node.sh): each keeps its own cache key (DEST) and binary list.
+#
+# k8s_provide_cached TOOL DEST BIN...: when $KUBEBUILDER_ASSETS holds every BIN, print
+# it and exit; else when DEST does, print DEST and exit; else check for the Go
+# toolchain, make a build directory under DEST's parent (removed on exit) in $WORK
+# with $WORK/out for the binaries, and set the build environment. TOOL names the
+# script in messages.
+k8s_provide_cached() {
+  local tool="$1" dest="$2"
+  shift 2
+  if [[ -n "${KUBEBUILDER_ASSETS:-}" ]] && k8s_has_all "$KUBEBUILDER_ASSETS" "$@"; then
+    cd "$KUBEBUILDER_ASSETS" && pwd
+    exit 0
+  fi
+  if k8s_has_all "$dest" "$@"; then
+    echo "$dest"
+    exit 0
+  fi
+  command -v go >/dev/null || { echo "${tool}: need the Go toolchain to build $*" >&2; exit 1; }
+  mkdir -p "$(dirname "$dest")"
+  WORK="$(mktemp -d "$(dirname "$dest")/build.XXXXXX")"
+  trap 'rm -rf "$WORK"' EXIT
+  mkdir -p "$WORK/out"
+  export GOFLAGS=-mod=mod CGO_ENABLED=0
+  echo "${tool}: building $* (once; cached in $dest)" >&2
+}
+
+# k8s_has_all DIR BIN...: DIR holds every BIN, executable.
+k8s_has_all() {
+  local dir="$1" b
+  shift
+  for b in "$@"; do [[ -x "$dir/$b" ]] || return 1; done
+}
+
+# k8s_install DEST: move $WORK/out into place as DEST (atomically) and print DEST.
+k8s_install() {
+  local dest="$1"
+  rm -rf "$dest.tmp" && mv "$WORK/out" "$dest.tmp" && mv "$dest.tmp" "$dest"
+  echo "$dest"
 }

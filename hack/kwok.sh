@@ -18,27 +18,9 @@ CACHE_ROOT="${FERRY_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ferry}"
 DEST="$CACHE_ROOT/kwok/k8s-${K8S_VERSION}-kwok-${KWOK_VERSION}-etcd-${ETCD_VERSION}"
 BINARIES=(kube-controller-manager kube-scheduler kwok etcdctl)
 
-has_all() {
-  local b
-  for b in "${BINARIES[@]}"; do [[ -x "$1/$b" ]] || return 1; done
-}
-
-if [[ -n "${KUBEBUILDER_ASSETS:-}" ]] && has_all "$KUBEBUILDER_ASSETS"; then
-  cd "$KUBEBUILDER_ASSETS" && pwd
-  exit 0
-fi
-if has_all "$DEST"; then
-  echo "$DEST"
-  exit 0
-fi
-
-command -v go >/dev/null || { echo "kwok: need the Go toolchain to build ${BINARIES[*]}" >&2; exit 1; }
-mkdir -p "$CACHE_ROOT/kwok"
-WORK="$(mktemp -d "$CACHE_ROOT/kwok/build.XXXXXX")"
-trap 'rm -rf "$WORK"' EXIT
-export GOFLAGS=-mod=mod CGO_ENABLED=0
 # shellcheck source=hack/k8s-module.sh
 source "$(dirname "${BASH_SOURCE[0]}")/k8s-module.sh"
+k8s_provide_cached kwok "$DEST" "${BINARIES[@]}"
 
 build_k8s() {
   k8s_main_module "$WORK/k8s" "$K8S_VERSION"
@@ -60,11 +42,7 @@ build_etcdctl() {
   go build -trimpath -ldflags "-s -w" -o "$WORK/out/etcdctl" go.etcd.io/etcd/etcdctl/v3 >&2
 }
 
-mkdir -p "$WORK/out"
-echo "kwok: building ${BINARIES[*]} (once; cached in $DEST)" >&2
 build_etcdctl
 build_kwok
 build_k8s
-mkdir -p "$(dirname "$DEST")"
-rm -rf "$DEST.tmp" && mv "$WORK/out" "$DEST.tmp" && mv "$DEST.tmp" "$DEST"
-echo "$DEST"
+k8s_install "$DEST"

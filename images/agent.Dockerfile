@@ -12,11 +12,10 @@ WORKDIR /src
 COPY requirements.lock ./
 RUN python -m venv /opt/ferry \
  && /opt/ferry/bin/pip install --no-deps -r requirements.lock
-COPY pyproject.toml README.md ./
+# Only the distributions that run here: ferry-api and ferry-agent (see pyproject.toml).
 COPY crds ./crds
-COPY operator ./operator
 COPY agent ./agent
-RUN /opt/ferry/bin/pip install --no-deps . \
+RUN /opt/ferry/bin/pip install --no-deps ./crds ./agent \
  && find /opt/ferry -name '__pycache__' -prune -exec rm -rf {} +
 
 FROM python:3.11.14-slim-bookworm

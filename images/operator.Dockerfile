@@ -13,11 +13,10 @@ RUN grep -viE '^(torch|nixl|nvidia-|triton|numpy|sympy|networkx|mpmath|jinja2|ma
         requirements.lock > operator.lock \
  && python -m venv /opt/ferry \
  && /opt/ferry/bin/pip install --no-deps -r operator.lock
-COPY pyproject.toml README.md ./
+# Only the distributions that run here: ferry-api and ferry-operator (see pyproject.toml).
 COPY crds ./crds
 COPY operator ./operator
-COPY agent ./agent
-RUN /opt/ferry/bin/pip install --no-deps . \
+RUN /opt/ferry/bin/pip install --no-deps ./crds ./operator \
  && find /opt/ferry -name '__pycache__' -prune -exec rm -rf {} +
 
 FROM python:3.11.14-slim-bookworm

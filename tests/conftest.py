@@ -20,8 +20,8 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
-from ferry_operator.dev.controlplane import ControlPlane, free_port
-from ferry_operator.dev.operatorproc import OperatorProcess, start_operator
+from ferry_dev.controlplane import ControlPlane, free_port
+from ferry_dev.operatorproc import OperatorProcess, start_operator
 
 # Fuzz tests (hypothesis). By default each runs a fixed, derandomized set of examples
 # so `make test` is reproducible and bounded; FERRY_FUZZ_EXAMPLES=N runs N random
@@ -30,16 +30,24 @@ from ferry_operator.dev.operatorproc import OperatorProcess, start_operator
 FUZZ_EXAMPLES = int(os.environ.get("FERRY_FUZZ_EXAMPLES", "0") or 0)
 _FUZZ_COMMON = dict(
     deadline=None,  # apiserver round trips vary on a shared machine
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
-                           HealthCheck.filter_too_much, HealthCheck.data_too_large],
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.filter_too_much,
+        HealthCheck.data_too_large,
+    ],
     print_blob=True,
 )
 settings.register_profile("ferry-ci", derandomize=True, database=None, **_FUZZ_COMMON)
 settings.register_profile(
-    "ferry-long", max_examples=max(FUZZ_EXAMPLES, 1), derandomize=False,
+    "ferry-long",
+    max_examples=max(FUZZ_EXAMPLES, 1),
+    derandomize=False,
     database=DirectoryBasedExampleDatabase(
-        str(Path(os.environ.get("FERRY_CACHE", Path.home() / ".cache" / "ferry")) / "hypothesis")),
-    **_FUZZ_COMMON)
+        str(Path(os.environ.get("FERRY_CACHE", Path.home() / ".cache" / "ferry")) / "hypothesis")
+    ),
+    **_FUZZ_COMMON,
+)
 settings.load_profile("ferry-long" if FUZZ_EXAMPLES else "ferry-ci")
 
 
@@ -54,6 +62,7 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
     cp.start()
     try:
         cp.install_crds()
+        cp.install_admission_policy()
         yield cp
     finally:
         cp.stop()
@@ -82,24 +91,48 @@ def namespace(api_client: k8s_client.ApiClient, request: pytest.FixtureRequest) 
     return name
 
 
-def kubectl(kubeconfig: Path, *args: str, input: str | None = None,
-            check: bool = False) -> subprocess.CompletedProcess[str]:
+def kubectl(
+    kubeconfig: Path, *args: str, input: str | None = None, check: bool = False
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
-    return subprocess.run(["kubectl", *args], env=env, input=input, text=True,
-                          capture_output=True, check=check, timeout=60)
+    return subprocess.run(
+        ["kubectl", *args],
+        env=env,
+        input=input,
+        text=True,
+        capture_output=True,
+        check=check,
+        timeout=60,
+    )
 
 
 @pytest.fixture(scope="session")
-def operator(kubeconfig: Path, api_client: k8s_client.ApiClient,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+def operator(
+    kubeconfig: Path, api_client: k8s_client.ApiClient, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
     """One operator for the session: fast resync, and the injection webhook served over TLS."""
     log = tmp_path_factory.mktemp("operator") / "operator.log"
-    op = start_operator(kubeconfig, log, "--resync-seconds", "2",
-                        "--webhook-port", str(free_port()), "--webhook-host", "127.0.0.1")
+    op = start_operator(
+        kubeconfig,
+        log,
+        "--resync-seconds",
+        "2",
+        "--webhook-port",
+        str(free_port()),
+        "--webhook-host",
+        "127.0.0.1",
+    )
     try:
         adm = k8s_client.AdmissionregistrationV1Api(api_client)
         deadline = time.monotonic() + 30
-        while "ferry.dev" not in [w.metadata.name for w in adm.list_mutating_webhook_configuration().items]:
+        # kopf creates the configuration first and fills in the webhook once it serves.
+        while not [
+            w
+            for c in adm.list_mutating_webhook_configuration().items
+            if c.metadata.name == "ferry.dev"
+            for w in c.webhooks or []
+            if w.client_config and w.client_config.ca_bundle
+        ]:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"webhook configuration not created:\n{log.read_text()[-3000:]}")
             time.sleep(0.3)

@@ -11,6 +11,8 @@ import sys
 import threading
 from typing import Any
 
+from .request import PullRequest
+
 SIZE_UNITS = {
     "": 1,
     "k": 1 << 10,
@@ -32,6 +34,21 @@ def parse_size(text: str) -> int:
     if unit not in SIZE_UNITS:
         raise argparse.ArgumentTypeError(f"bad size {text!r}")
     return int(float(num) * SIZE_UNITS[unit])
+
+
+def parse_devices(text: str | tuple[int, ...]) -> tuple[int, ...]:
+    """'0,1,2,3' -> (0, 1, 2, 3)."""
+    if isinstance(text, tuple):
+        return text
+    try:
+        out = tuple(int(x) for x in str(text).split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"devices {text!r}: comma-separated CUDA ordinals"
+        ) from None
+    if not out:
+        raise argparse.ArgumentTypeError("devices: at least one CUDA ordinal")
+    return out
 
 
 def _token(args: argparse.Namespace) -> str:
@@ -68,12 +85,42 @@ def register(subparsers: Any) -> None:
         "--memory", choices=("host", "cuda"), default=os.environ.get("FERRY_MEMORY", "host")
     )
     run.add_argument(
-        "--device", type=int, default=int(os.environ.get("FERRY_DEVICE", 0)), help="CUDA ordinal"
+        "--devices",
+        type=parse_devices,
+        default=os.environ.get("FERRY_DEVICES") or os.environ.get("FERRY_DEVICE", "0"),
+        help="CUDA ordinals of the pod's local ranks, in rank order ('0,1,2,3'; one per GPU); "
+        "with --memory host, as many simulated ranks",
+    )
+    run.add_argument(
+        "--device", dest="devices", type=parse_devices, help="one CUDA ordinal (= --devices N)"
+    )
+    run.add_argument(
+        "--ranks",
+        type=int,
+        default=0,
+        help="local ranks 0..N-1 on devices 0..N-1 (overrides --devices)",
     )
     run.add_argument("--slab-bytes", type=parse_size, default=parse_size("1Gi"))
     run.add_argument("--chunk-bytes", type=parse_size, default=parse_size("64Mi"))
+    run.add_argument(
+        "--max-slab-bytes",
+        type=parse_size,
+        default=os.environ.get("FERRY_MAX_SLAB_BYTES"),
+        help="most slab memory this agent holds (a layout past it, declared or offered by a "
+        "source, is refused: LayoutTooLarge); default for host memory 90%% of the smaller of "
+        "the host memory and /dev/shm, none for cuda; 0: no limit",
+    )
     run.add_argument("--max-inflight", type=int, default=32)
     run.add_argument("--token-file", default=os.environ.get("FERRY_TOKEN_FILE"))
+    run.add_argument(
+        "--peer-auth",
+        choices=("mtls", "token"),
+        default=os.environ.get("FERRY_PEER_AUTH") or None,
+        help="mtls: per-pod certificates from the operator (a CSR sent with the pod's token), "
+        "peers served and dialled by pod identity; the default in cluster mode, where an "
+        "agent that gets no certificate does not start. token: the shared --token-file over "
+        "plaintext; the default standalone, and only explicitly in a cluster (dev)",
+    )
     run.add_argument(
         "--rails",
         default=os.environ.get("FERRY_RAILS", "auto"),
@@ -89,7 +136,21 @@ def register(subparsers: Any) -> None:
         "--header-memory",
         choices=("host", "slab"),
         default="host",
-        help="version headers in host memory, or in the slabs' memory kind",
+        help="host: version headers in host memory, also a shm file a same-pod target maps; "
+        "slab: in the slabs' memory kind, read by peers over NIXL only",
+    )
+    run.add_argument(
+        "--same-gpu",
+        choices=("ipc", "nixl"),
+        default=os.environ.get("FERRY_SAME_GPU", "ipc"),
+        help="a source on this agent's own GPU: copy through CUDA IPC, or READ over NIXL",
+    )
+    run.add_argument(
+        "--digests",
+        choices=("on", "off"),
+        default=os.environ.get("FERRY_DIGESTS", "on"),
+        help="content digests of each version the engine publishes (host: ~0.1-0.15 s/GiB "
+        "per publish); off: targets that verify refuse this agent's versions",
     )
     run.add_argument("--layout", help="JSON file [{name, dtype, shape}] to declare at start")
     run.add_argument(
@@ -98,7 +159,11 @@ def register(subparsers: Any) -> None:
     run.add_argument("--log-level", default=os.environ.get("FERRY_LOG_LEVEL", "INFO"))
     run.set_defaults(func=cmd_run)
 
-    pull = sub.add_parser("pull", help="ask a target agent to pull from sources")
+    pull = sub.add_parser(
+        "pull",
+        help="ask a target agent to pull from sources (token mode: in cluster mode Pull is "
+        "served only to the pod itself, ferry_agent.client.EngineClient.pull)",
+    )
     pull.add_argument("--target", required=True, help="host:port of the target agent")
     pull.add_argument(
         "--source", action="append", required=True, help="host:port (repeat to stripe)"
@@ -123,7 +188,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if not args.token_file:
+    from . import k8s
+
+    in_cluster = k8s.enabled()
+    peer_auth = args.peer_auth or ("mtls" if in_cluster else "token")
+    if peer_auth not in ("mtls", "token"):  # FERRY_PEER_AUTH is not checked by argparse
+        print(
+            f"ferry agent run: --peer-auth (FERRY_PEER_AUTH) {peer_auth!r}: mtls or token",
+            file=sys.stderr,
+        )
+        return 2
+    if peer_auth == "mtls" and not in_cluster:
+        print(
+            "ferry agent run: --peer-auth mtls needs the control plane (in a cluster, or "
+            "KUBECONFIG): the operator signs the pod's certificate",
+            file=sys.stderr,
+        )
+        return 2
+    if peer_auth == "token" and not args.token_file:
         print("ferry agent run: --token-file (or FERRY_TOKEN_FILE) is required", file=sys.stderr)
         return 2
     cfg = AgentConfig(
@@ -135,7 +217,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         control_socket=args.control_socket,
         memory=args.memory,
-        device=args.device,
+        devices=tuple(range(args.ranks)) if args.ranks else parse_devices(args.devices),
         slab_bytes=args.slab_bytes,
         chunk_bytes=args.chunk_bytes,
         max_inflight=args.max_inflight,
@@ -146,20 +228,32 @@ def cmd_run(args: argparse.Namespace) -> int:
         lanes=args.lanes,
         progress_delay_us=args.progress_delay_us,
         header_memory=args.header_memory,
+        same_gpu=args.same_gpu,
+        max_slab_bytes=args.max_slab_bytes,
+        digests=args.digests == "on",
     )
-    agent = Agent(cfg)
-    kube = None
+    tls = _peer_tls(cfg) if peer_auth == "mtls" else None
+    if in_cluster and tls is None:
+        logging.getLogger("ferry_agent").warning(
+            "--peer-auth token in cluster mode: peers authenticate by the shared token over "
+            "plaintext (dev only)"
+        )
+    agent = Agent(cfg, tls=tls)
+    kube = artifacts = None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        from .k8s import runtime
+        if in_cluster:
+            from .k8s import runtime
 
-        artifacts = runtime.prepare(agent)
+            artifacts = runtime.prepare(agent)
         agent.start()
         if args.layout:
             with open(args.layout) as f:
-                agent.declare([TensorSpec.from_dict(d) for d in json.load(f)])
+                specs = [TensorSpec.from_dict(d) for d in json.load(f)]
+            for rank in agent.ranks:  # every local rank: a shard layout comes from its engine
+                rank.declare(specs)
         ready = {
             "endpoint": agent.endpoint,
             "grpc_port": agent.server.port,
@@ -167,7 +261,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             "metrics_port": agent.metrics_server.port if agent.metrics_server else None,
             "control_socket": cfg.control_socket,
             "agent": agent.name,
-            "rails": list(agent.rails.devices),
+            "ranks": len(agent.ranks),
+            "rails": [list(r.rails.devices) for r in agent.ranks],
         }
         logging.getLogger("ferry_agent").info("serving %s", json.dumps(ready))
         if args.ready_file:
@@ -175,7 +270,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             with open(tmp, "w") as f:
                 json.dump(ready, f)
             os.replace(tmp, args.ready_file)
-        kube = _attach_kube(agent, cfg, artifacts)
+        if in_cluster:
+            kube = _attach_kube(agent, cfg, artifacts)
         while not stop.wait(0.5):
             pass
     finally:
@@ -185,12 +281,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _peer_tls(cfg: Any) -> Any:
+    """This pod's certificate (a CSR the operator signs) and whom it talks to."""
+    from kubernetes import client
+
+    from .auth import PeerTls
+    from .k8s import runtime
+    from .k8s.peerpolicy import ClusterPeers
+    from .k8s.podcert import PodCertificates
+    from .peerid import PodIdentity
+
+    api = runtime.api_client()
+    uid = client.CoreV1Api(api).read_namespaced_pod(cfg.pod, cfg.namespace).metadata.uid
+    me = PodIdentity(cfg.namespace, cfg.pod, uid)
+    certs = PodCertificates(api, me).start()
+    return PeerTls(me, certs.material, ClusterPeers(api, me).allow)
+
+
 def _attach_kube(agent: Any, cfg: Any, artifacts: Any = None) -> Any:
-    """Report to the control plane when running in a cluster (or given a kubeconfig)."""
+    """Report to the control plane (the agent runs in a cluster, or was given a kubeconfig)."""
     from .k8s import runtime
 
-    if not runtime.enabled():
-        return None
     return runtime.attach(
         agent,
         pod=cfg.pod,
@@ -209,7 +320,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
     with AgentClient(args.target, _token(args)) as c:
         try:
-            r = c.pull(args.source, version=args.version, timeout_s=args.timeout)
+            r = c.pull(PullRequest(args.source, version=args.version, timeout_s=args.timeout))
         except FerryError as exc:
             print(json.dumps(exc.to_dict()))
             return 1

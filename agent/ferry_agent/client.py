@@ -9,6 +9,10 @@
     stop_reading(); refit.ack(); version, ok = refit.wait_done(); start_reading()
 
 Host mode maps the agent's POSIX shm slabs; CUDA mode opens its CUDA IPC handles.
+
+Without torch (an engine image that carries only numpy, e.g. the node tier's): in host
+mode `EngineClient.connect(views="bytes")` returns each tensor as a writable uint8 numpy
+view of its bytes in the slab instead of a torch tensor; nothing imports torch.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from .errors import FerryError, from_reason
 from .layout import Placement, TensorSpec
 
 ENV_SOCKET = "FERRY_AGENT_SOCKET"
+ENV_RANK = "FERRY_AGENT_RANK"
+VIEWS = ("torch", "bytes")
 
 
 class _Conn:
@@ -75,14 +81,70 @@ class Refit:
         return str(msg.get("version", "")), bool(msg.get("ok"))
 
 
+@dataclass(frozen=True)
+class TargetResult:
+    """One target's outcome for a published version (publish_and_wait)."""
+
+    name: str
+    ok: bool
+    version: str  # what it serves now
+    reason: str = ""
+    message: str = ""
+    seconds: float = 0.0  # notice to served, on the target
+    bytes: int = 0
+    transport: str = ""
+
+    @classmethod
+    def from_dict(cls, name: str, d: dict[str, Any]) -> TargetResult:
+        return cls(
+            name,
+            bool(d["ok"]),
+            str(d.get("version", "")),
+            str(d.get("reason", "")),
+            str(d.get("message", "")),
+            float(d.get("seconds", 0.0)),
+            int(d.get("bytes", 0)),
+            str(d.get("transport", "")),
+        )
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    version: str
+    epoch: int
+    targets: dict[str, TargetResult]
+
+    @property
+    def ok(self) -> bool:
+        """Every target serves the version (False too when no target follows)."""
+        return bool(self.targets) and all(
+            t.ok and t.version == self.version for t in self.targets.values()
+        )
+
+    @property
+    def failed(self) -> dict[str, TargetResult]:
+        return {n: t for n, t in self.targets.items() if not (t.ok and t.version == self.version)}
+
+
 class EngineClient:
-    def __init__(self, path: str, *, timeout: float = 120.0):
+    """One engine worker's connection to its pod's agent. `rank` is the local rank (GPU)
+    the worker serves: it sees that rank's slabs and is paused for that rank's pulls
+    (default: $FERRY_AGENT_RANK, else 0). `views`: "torch" (tensors of each dtype/shape)
+    or "bytes" (host memory only: a uint8 numpy array of each tensor's bytes, no torch)."""
+
+    def __init__(
+        self, path: str, *, timeout: float = 120.0, rank: int | None = None, views: str = "torch"
+    ):
+        if views not in VIEWS:
+            raise ValueError(f"views={views!r}: use one of {', '.join(VIEWS)}")
+        self.views = views
         self.path = path
         self.timeout = timeout
+        self.rank = int(os.environ.get(ENV_RANK, "0")) if rank is None else int(rank)
         self._conn = _Conn(path, timeout)
         self._lock = threading.Lock()
         self._events: _Conn | None = None
-        self._slabs: list[Any] = []
+        self.slabs: list[Any] = []  # the agent's slabs mapped here (HostSlab / CudaSlab)
         self.tensors: dict[str, Any] = {}
         self.placements: list[Placement] = []
         self.fingerprint = ""
@@ -97,7 +159,7 @@ class EngineClient:
 
     def request(self, op: str, **fields: Any) -> dict[str, Any]:
         with self._lock:
-            send(self._conn.sock, {"op": op, **fields})
+            send(self._conn.sock, {"op": op, "rank": self.rank, **fields})
             return _raise_if_error(recv(self._conn.reader))
 
     # -- layout -----------------------------------------------------------------------
@@ -113,27 +175,37 @@ class EngineClient:
         return self._map(self.request("layout"))
 
     def _map(self, reply: dict[str, Any]) -> dict[str, Any]:
-        from .views import tensor_views
-
         if reply["generation"] == self.generation:
             return self.tensors
         self._close_slabs()
+        if reply["memory"] == "cuda" and self.views == "bytes":
+            raise ValueError(
+                "views='bytes' maps host memory only; this agent's slabs are CUDA "
+                "(memory: cuda): connect with views='torch'"
+            )
         if reply["memory"] == "cuda":
             from .cuda import CudaSlab
 
-            self._slabs = [
+            self.slabs = [
                 CudaSlab.attach(s["index"], s["handle"], s["nbytes"], s["device_id"])
                 for s in reply["slabs"]
             ]
         else:
             from .slabs import HostSlab
 
-            self._slabs = [
+            self.slabs = [
                 HostSlab.attach(s["index"], s["handle"], s["nbytes"]) for s in reply["slabs"]
             ]
         self.placements = [Placement.from_dict(t) for t in reply["tensors"]]
         self.fingerprint, self.generation = reply["fingerprint"], reply["generation"]
-        self.tensors = tensor_views(self._slabs, self.placements)
+        if self.views == "bytes":
+            self.tensors = {
+                p.name: self.slabs[p.slab].view(p.offset, p.nbytes) for p in self.placements
+            }
+        else:
+            from .views import tensor_views
+
+            self.tensors = tensor_views(self.slabs, self.placements)
         return self.tensors
 
     # -- source side ---------------------------------------------------------------------
@@ -142,6 +214,53 @@ class EngineClient:
 
     def publish(self, version: str) -> int:
         return int(self.request("publish", version=version)["epoch"])
+
+    def publish_and_wait(
+        self,
+        version: str,
+        timeout: float = 30.0,
+        *,
+        followers: Sequence[str] = (),
+        at_least: int = 0,
+    ) -> PublishResult:
+        """Publish, then block until the targets following this source serve `version`
+        (or failed to, or `timeout` passed): the trainer waits without the apiserver.
+
+        Whom: `followers` by name, else every subscribed follower (at least `at_least`
+        of them). Each target's outcome is in the result; nothing raises for a target
+        that failed or did not report (result.ok is False, result.failed names them)."""
+        sock_timeout = self._conn.sock.gettimeout()
+        self._conn.sock.settimeout(timeout + self.timeout)
+        try:
+            reply = self.request(
+                "publish",
+                version=version,
+                wait_s=timeout,
+                followers=list(followers),
+                at_least=at_least,
+            )
+        finally:
+            self._conn.sock.settimeout(sock_timeout)
+        targets = {f: TargetResult.from_dict(f, d) for f, d in reply["targets"].items()}
+        return PublishResult(version, int(reply["epoch"]), targets)
+
+    def followers(self) -> dict[str, Any]:
+        """Source side: the targets following us and what each reported last."""
+        return self.request("followers")
+
+    # -- target side: continuous refit ---------------------------------------------------
+    def follow(self, source: str, upstream: str | None = None, **options: Any) -> str:
+        """Ask our agent to keep our rank on `source`'s newest version (follow.FollowSpec's
+        fields as options); returns the follower's name. The control plane does this
+        from a RefitJob with `version: follow`; this is the standalone way."""
+        spec = {"source": source, "upstream": upstream, **options}
+        return str(self.request("follow", spec=spec)["name"])
+
+    def unfollow(self, name: str | None = None) -> bool:
+        return bool(self.request("unfollow", name=name)["stopped"])
+
+    def following(self) -> dict[str, Any]:
+        return dict(self.request("following")["follows"])
 
     @contextlib.contextmanager
     def writing(self, version: str) -> Iterator[dict[str, Any]]:
@@ -153,12 +272,24 @@ class EngineClient:
     def status(self) -> dict[str, Any]:
         return self.request("status")
 
+    def pull(self, sources: Sequence[str], **options: Any) -> dict[str, Any]:
+        """Ask our agent to pull into our rank (request.PullRequest's fields as options):
+        the way to ask in cluster mode, where the Pull RPC is not served to peers.
+        Returns version, bytes, seconds, attempts, transport; raises the typed error."""
+        timeout = float(options.get("timeout_s", 60.0))
+        sock_timeout = self._conn.sock.gettimeout()
+        self._conn.sock.settimeout(timeout + self.timeout)
+        try:
+            return self.request("pull", request={"sources": list(sources), **options})
+        finally:
+            self._conn.sock.settimeout(sock_timeout)
+
     # -- target side: refit handshake ------------------------------------------------------
     def subscribe(self) -> None:
         """Register as an engine that must be paused before pulls (done by wait_refit)."""
         if self._events is None:
             conn = _Conn(self.path, self.timeout)
-            send(conn.sock, {"op": "subscribe"})
+            send(conn.sock, {"op": "subscribe", "rank": self.rank})
             _raise_if_error(recv(conn.reader))
             self._events = conn
 
@@ -182,9 +313,9 @@ class EngineClient:
 
     def _close_slabs(self) -> None:
         self.tensors = {}
-        for s in self._slabs:
+        for s in self.slabs:
             s.close()
-        self._slabs = []
+        self.slabs = []
 
     def close(self) -> None:
         if self._events is not None:
@@ -213,4 +344,4 @@ def _to_specs(tensors: Sequence[TensorSpec] | Mapping[str, Any]) -> list[TensorS
     return [s if isinstance(s, TensorSpec) else TensorSpec(*s) for s in tensors]
 
 
-__all__ = ["EngineClient", "Refit", "FerryError", "TensorSpec"]
+__all__ = ["EngineClient", "FerryError", "PublishResult", "Refit", "TargetResult", "TensorSpec"]

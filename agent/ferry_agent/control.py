@@ -1,13 +1,18 @@
 """Unix-socket protocol between the agent and its local engine process.
 
 Framing: one JSON object per line. Request connections carry
-`{"op": ...}` -> `{"ok": true, ...}` | `{"ok": false, "reason", "message"}`.
-A connection that sends `{"op": "subscribe"}` becomes the engine's event
-channel for the refit handshake:
+`{"op": ..., "rank": r}` -> `{"ok": true, ...}` | `{"ok": false, "reason", "message"}`
+(`rank`: the local rank, i.e. GPU, the engine worker serves; absent means 0).
+A connection that sends `{"op": "subscribe", "rank": r}` becomes the event channel
+of rank r's engine worker for the refit handshake:
 
     agent -> {"event": "pause", "id": N, "version": V}
     engine -> {"op": "ack", "id": N}         (engine no longer reads its weights)
-    agent -> {"event": "resume", "id": N, "version": V, "ok": bool}
+    agent -> {"event": "resume", "id": N, "version": H, "ok": bool}
+
+H is the version the slabs hold after the pull: the new one on success; after a
+failure the old one when nothing was written (double buffer), "" when the pull had
+begun writing them (single buffer: the weights are torn, nothing may serve them).
 
 Only JSON with typed fields crosses this socket; tensor memory is shared by
 name (shm) or CUDA IPC handle, never copied through it.
@@ -73,8 +78,8 @@ class _Refit:
     generation: int | None = None
 
 
-class EngineLink:
-    """Agent-side state of the pause/ack/resume handshake with subscribed engines."""
+class EngineHandshake:
+    """The agent side of the pause/ack/resume handshake with its subscribed engines."""
 
     def __init__(self) -> None:
         self._cv = threading.Condition()
@@ -88,13 +93,18 @@ class EngineLink:
             return len(self._subscribers)
 
     def pause(
-        self, version: str, timeout: float, cancel: threading.Event | None = None
+        self,
+        version: str,
+        timeout: float,
+        cancel: threading.Event | None = None,
+        holds: str = "",
     ) -> int | None:
         """Ask every subscribed engine to stop reading; wait for all acks.
 
         Returns the refit id (None when no engine is subscribed: nothing reads the slabs).
         Raises EngineNotQuiesced when an engine does not acknowledge in time, Cancelled
-        when `cancel` is set first (the engine is then resumed with ok=False)."""
+        when `cancel` is set first (the engine is then resumed with ok=False and `holds`,
+        the version the slabs hold now: nothing was written)."""
         deadline = time.monotonic() + timeout
         with self._cv:
             if not self._subscribers:
@@ -107,7 +117,7 @@ class EngineLink:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     missing = len(self._subscribers - refit.acked)
-                    refit.done, refit.ok = True, False
+                    refit.done, refit.ok, refit.version = True, False, holds
                     self._cv.notify_all()
                     raise EngineNotQuiesced(
                         f"{missing} engine(s) did not acknowledge the pause within {timeout:g}s",
@@ -115,7 +125,7 @@ class EngineLink:
                         timeout_s=timeout,
                     )
                 if cancel is not None and cancel.is_set():
-                    refit.done, refit.ok = True, False
+                    refit.done, refit.ok, refit.version = True, False, holds
                     self._cv.notify_all()
                     raise Cancelled("cancelled while waiting for the engine to pause")
                 self._cv.wait(min(left, CANCEL_POLL_S))
@@ -124,8 +134,9 @@ class EngineLink:
     def resume(
         self, refit_id: int | None, version: str, ok: bool, generation: int | None = None
     ) -> None:
-        """End the refit. `generation` is the slab generation the engine must map now
-        (a double-buffer swap changes it: the engine calls attach() again)."""
+        """End the refit. `version`: what the slabs hold now ("" none: see the module
+        doc). `generation` is the slab generation the engine must map now (a
+        double-buffer swap changes it: the engine calls attach() again)."""
         if refit_id is None:
             return
         with self._cv:
@@ -181,14 +192,21 @@ class EngineLink:
 
 
 class ControlServer:
-    """Accepts engine connections on a Unix socket; `handle(op, msg)` answers requests."""
+    """Accepts engine connections on a Unix socket; `handle(op, msg)` answers requests.
+
+    Each message may name the local rank (GPU) its engine worker serves ("rank", 0 when
+    absent); `handshake_for(rank)` is that rank's handshake (a typed error when the
+    agent has no such rank)."""
 
     def __init__(
-        self, path: str, handle: Callable[[str, dict[str, Any]], dict[str, Any]], link: EngineLink
+        self,
+        path: str,
+        handle: Callable[[str, dict[str, Any]], dict[str, Any]],
+        handshake_for: Callable[[int], EngineHandshake],
     ):
         self.path = path
         self._handle = handle
-        self.link = link
+        self.handshake_for = handshake_for
         self._stop = threading.Event()
         if os.path.exists(path):
             os.unlink(path)
@@ -224,10 +242,11 @@ class ControlServer:
                 if msg is None:
                     return
                 op = str(msg.get("op", ""))
-                if op == "subscribe":
-                    self.link.serve_subscriber(conn_id, conn, reader, self._stop)
-                    return
                 try:
+                    if op == "subscribe":
+                        handshake = self.handshake_for(int(msg.get("rank", 0)))
+                        handshake.serve_subscriber(conn_id, conn, reader, self._stop)
+                        return
                     reply = {"ok": True, **self._handle(op, msg)}
                 except FerryError as exc:
                     reply = {"ok": False, **exc.to_dict()}

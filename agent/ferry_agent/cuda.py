@@ -96,6 +96,89 @@ def memcpy(dst: int, src: int, nbytes: int) -> None:
     )
 
 
+def pci_bus_id(device: int) -> str:
+    """The device's PCI bus id ("0000:1B:00.0"): with the host's boot id, which GPU this is."""
+    buf = ctypes.create_string_buffer(32)
+    _check(
+        cudart().cudaDeviceGetPCIBusId(buf, ctypes.c_int(32), ctypes.c_int(device)),
+        f"cudaDeviceGetPCIBusId({device})",
+    )
+    return buf.value.decode()
+
+
+CUDA_MEMCPY_DEVICE_TO_DEVICE = 3
+CUDA_STREAM_NON_BLOCKING = 1
+CUDA_EVENT_DISABLE_TIMING = 2
+CUDA_ERROR_NOT_READY = 600
+
+
+class CopyStream:
+    """A non-blocking CUDA stream for device-to-device copies, with events to see which
+    of the copies queued so far have finished (without blocking the host)."""
+
+    def __init__(self, device: int) -> None:
+        self.device = device
+        set_device(device)
+        self._stream = ctypes.c_void_p()
+        _check(
+            cudart().cudaStreamCreateWithFlags(
+                ctypes.byref(self._stream), ctypes.c_uint(CUDA_STREAM_NON_BLOCKING)
+            ),
+            "cudaStreamCreateWithFlags",
+        )
+
+    def copy(self, dst: int, src: int, nbytes: int) -> None:
+        _check(
+            cudart().cudaMemcpyAsync(
+                ctypes.c_void_p(dst),
+                ctypes.c_void_p(src),
+                ctypes.c_size_t(nbytes),
+                ctypes.c_int(CUDA_MEMCPY_DEVICE_TO_DEVICE),
+                self._stream,
+            ),
+            "cudaMemcpyAsync",
+        )
+
+    def mark(self) -> Any:
+        """An event recorded after everything queued so far (query it with done())."""
+        ev = ctypes.c_void_p()
+        lib = cudart()
+        _check(
+            lib.cudaEventCreateWithFlags(
+                ctypes.byref(ev), ctypes.c_uint(CUDA_EVENT_DISABLE_TIMING)
+            ),
+            "cudaEventCreateWithFlags",
+        )
+        _check(lib.cudaEventRecord(ev, self._stream), "cudaEventRecord")
+        return ev
+
+    @staticmethod
+    def done(event: Any) -> bool:
+        rc = cudart().cudaEventQuery(event)
+        if rc == CUDA_ERROR_NOT_READY:
+            return False
+        _check(rc, "cudaEventQuery")
+        return True
+
+    @staticmethod
+    def wait(event: Any) -> None:
+        """Block until the event's copies finished (no polling: it returns when they do)."""
+        _check(cudart().cudaEventSynchronize(event), "cudaEventSynchronize")
+
+    @staticmethod
+    def release(event: Any) -> None:
+        _check(cudart().cudaEventDestroy(event), "cudaEventDestroy")
+
+    def synchronize(self) -> None:
+        _check(cudart().cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+
+    def close(self) -> None:
+        if self._stream.value:
+            self.synchronize()
+            _check(cudart().cudaStreamDestroy(self._stream), "cudaStreamDestroy")
+            self._stream = ctypes.c_void_p()
+
+
 class CudaArray:
     """`__cuda_array_interface__` over raw device memory so torch can wrap it without a copy."""
 
@@ -157,7 +240,7 @@ class CudaSlab:
 
     @property
     def info(self):
-        from .slabs import SlabInfo
+        from .memory import SlabInfo
 
         return SlabInfo(self.index, self.addr, self.nbytes, self.memory, self.device_id, self.name)
 

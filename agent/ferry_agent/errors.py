@@ -22,6 +22,13 @@ class FerryError(Exception):
         return {"reason": self.reason, "message": self.message, **self.fields}
 
 
+class BadRequest(FerryError, ValueError):
+    """A request the agent refuses before acting on it (a field out of its bounds, a
+    combination that cannot run); the message names the field."""
+
+    reason = "BadRequest"
+
+
 class TransferFailed(FerryError):
     """NIXL reported an error, or the transfer could not be posted."""
 
@@ -41,6 +48,15 @@ class LayoutMismatch(FerryError):
         self.differences = list(differences or [])
 
 
+class LayoutTooLarge(FerryError):
+    """A layout that would take more memory than a limit allows: refused before any
+    slab is allocated. `limit` names the limit (`max_bytes`, the WeightSource's
+    status.bytes; `--max-slab-bytes`, the agent's own), `limit_bytes` its value and
+    `bytes` what the layout needs."""
+
+    reason = "LayoutTooLarge"
+
+
 class SourceStale(FerryError):
     """The source does not hold the requested version (or is mid-write)."""
 
@@ -57,6 +73,13 @@ class TransferTimeout(FerryError):
     """The pull did not finish before its deadline."""
 
     reason = "DeadlineExceeded"
+
+
+class SourceStalled(TransferTimeout):
+    """No bytes landed for the pull's stall timeout while READs were outstanding: the
+    source hangs (frozen, overloaded, its link gone) though it may still look alive."""
+
+    reason = "SourceStalled"
 
 
 class PeerUnavailable(FerryError):
@@ -93,8 +116,32 @@ class ManifestRejected(FerryError):
     reason = "ManifestRejected"
 
 
+class DigestMismatch(FerryError):
+    """Bytes that landed do not match the source's content digests for the version: the
+    attempt fails before the version is served (the engine never sees them) and the
+    operator retries on another source. `tensors` names them; `differences` gives the
+    byte ranges and digests."""
+
+    reason = "DigestMismatch"
+
+
+class DigestsUnavailable(SourceStale):
+    """The source has no content digests for the version we pulled (it stopped serving
+    it, or never computed them), and the pull's verify mode needs them."""
+
+    reason = "DigestsUnavailable"
+
+
 class Unauthenticated(FerryError):
     reason = "Unauthenticated"
+
+
+class PeerRefused(FerryError):
+    """In cluster mode: the peer is not one we may talk to (not a current member of a
+    WeightSource we share, nor a target of a job on it), or the address names no pod
+    whose certificate could be checked, or the peer refused us. Nothing was sent to it."""
+
+    reason = "PeerRefused"
 
 
 class NotDeclared(FerryError):
@@ -103,27 +150,22 @@ class NotDeclared(FerryError):
     reason = "NotDeclared"
 
 
-_BY_REASON: dict[str, type[FerryError]] = {
-    cls.reason: cls
-    for cls in (
-        TransferFailed,
-        LayoutMismatch,
-        SourceStale,
-        VersionChanged,
-        TransferTimeout,
-        PeerUnavailable,
-        EngineNotQuiesced,
-        Cancelled,
-        RelayBroken,
-        ManifestRejected,
-        Unauthenticated,
-        NotDeclared,
-    )
-}
+def _typed(cls: type[FerryError]) -> list[type[FerryError]]:
+    return [c for sub in cls.__subclasses__() for c in (sub, *_typed(sub))]
+
+
+# Every error class defined here, by its reason (a new class cannot be left out).
+_BY_REASON: dict[str, type[FerryError]] = {cls.reason: cls for cls in _typed(FerryError)}
 
 
 def from_reason(reason: str, message: str, **fields: Any) -> FerryError:
-    cls = _BY_REASON.get(reason, TransferFailed)
+    """The typed error a peer reported; a reason this side has no class for keeps its
+    reason (a FerryError carrying it), so nothing a user acts on is renamed in transit."""
+    cls = _BY_REASON.get(reason)
+    if cls is None:
+        err = FerryError(message, **fields)
+        err.reason = reason or FerryError.reason
+        return err
     if cls is LayoutMismatch:
         return LayoutMismatch(message, differences=list(fields.pop("differences", [])), **fields)
     return cls(message, **fields)

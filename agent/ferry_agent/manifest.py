@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 
 from .errors import ManifestRejected
-from .layout import ALIGNMENT, DTYPE_SIZES, Placement
+from .layout import ALIGNMENT, DTYPE_SIZES, Placement, fingerprint
+from .memory import SlabInfo
 from .proto import ferry_agent_pb2 as _pb
-from .slabs import SlabInfo
 
 # Generated modules have no type stubs.
 pb: Any = _pb
@@ -31,6 +31,8 @@ class Manifest:
     slabs: tuple[SlabInfo, ...]
     nixl_metadata: bytes = field(default=b"", repr=False)
     alignment: int = ALIGNMENT
+    host_id: str = ""  # the host's boot id
+    device: str = ""  # the GPU's PCI bus id (cuda)
 
     @property
     def nbytes(self) -> int:
@@ -70,16 +72,26 @@ class Manifest:
                     nbytes=s.nbytes,
                     memory=s.memory,
                     device_id=s.device_id,
+                    ipc_handle=s.handle if s.memory == "VRAM" else "",
                 )
                 for s in self.slabs
             ],
             nixl_metadata=self.nixl_metadata if with_metadata else b"",
+            host_id=self.host_id,
+            device=self.device,
         )
 
     @classmethod
     def from_proto(cls, m: Any) -> Manifest:
         slabs = tuple(
-            SlabInfo(int(s.index), int(s.addr), int(s.nbytes), str(s.memory), int(s.device_id), "")
+            SlabInfo(
+                int(s.index),
+                int(s.addr),
+                int(s.nbytes),
+                str(s.memory),
+                int(s.device_id),
+                str(s.ipc_handle) if s.memory == "VRAM" else "",
+            )
             for s in m.slabs
         )
         tensors = tuple(
@@ -106,6 +118,8 @@ class Manifest:
             slabs=slabs,
             nixl_metadata=bytes(m.nixl_metadata),
             alignment=int(m.alignment) or ALIGNMENT,
+            host_id=str(m.host_id),
+            device=str(m.device),
         )
         man.validate()
         return man
@@ -114,7 +128,8 @@ class Manifest:
         """Refuse a malformed manifest with ManifestRejected. A peer is not trusted to
         hand us descriptors: every tensor must lie inside a slab it declared, with the
         bytes its dtype and shape say (planners size READs from shapes), under a unique
-        name, without overlapping another; slabs must fit the 64-bit address space."""
+        name, without overlapping another; slabs must fit the 64-bit address space; the
+        fingerprint must be the one of its tensor list."""
         by_index = {s.index: s for s in self.slabs}
         if len(by_index) != len(self.slabs):
             self._reject("duplicate slab indexes")
@@ -127,6 +142,8 @@ class Manifest:
                 self._reject(f"slab {s.index} memory {s.memory!r}")
             if s.addr + s.nbytes > 1 << 64:
                 self._reject(f"slab {s.index} at {s.addr:#x} + {s.nbytes} passes the end of memory")
+            if s.handle and not _is_ipc_handle(s.handle):
+                self._reject(f"slab {s.index}: CUDA IPC handle is not {IPC_HANDLE_BYTES} hex bytes")
         seen: set[str] = set()
         for t in self.tensors:
             if not t.name or t.name in seen:
@@ -139,6 +156,12 @@ class Manifest:
             slab = by_index.get(t.slab)
             if slab is None or t.offset + t.nbytes > slab.nbytes:
                 self._reject(f"tensor {t.name} outside its slab")
+        have = fingerprint(t.spec for t in self.tensors)
+        if self.fingerprint != have:  # peers compare (and a fresh target adopts) the claim
+            self._reject(
+                f"fingerprint {self.fingerprint} is not its tensors' ({have}, from their "
+                "names, dtypes and shapes)"
+            )
         end: dict[int, tuple[int, str]] = {}
         for t in sorted((t for t in self.tensors if t.nbytes), key=lambda t: (t.slab, t.offset)):
             prev = end.get(t.slab)
@@ -150,6 +173,16 @@ class Manifest:
         raise ManifestRejected(
             f"manifest from {self.agent or 'a peer'}: {problem}", agent=self.agent, problem=problem
         )
+
+
+IPC_HANDLE_BYTES = 64  # cudaIpcMemHandle_t
+
+
+def _is_ipc_handle(text: str) -> bool:
+    try:
+        return len(bytes.fromhex(text)) == IPC_HANDLE_BYTES
+    except ValueError:
+        return False
 
 
 def descriptor_arrays(

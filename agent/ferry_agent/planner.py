@@ -55,7 +55,11 @@ class Plan:
 
 
 def pair(
-    source: Sequence[Placement], target: Sequence[Placement], *, source_name: str = "source"
+    source: Sequence[Placement],
+    target: Sequence[Placement],
+    *,
+    source_name: str = "source",
+    target_name: str = "target",
 ) -> list[tuple[Placement, Placement]]:
     """Pair by name; raise LayoutMismatch naming the first differences."""
     src = {p.name: p for p in source}
@@ -67,22 +71,27 @@ def pair(
             diffs.append(f"{t.name}: missing on {source_name}")
             continue
         if s.dtype != t.dtype:
-            diffs.append(f"{t.name}: dtype {s.dtype} on {source_name} != {t.dtype} on target")
+            diffs.append(
+                f"{t.name}: dtype {s.dtype} on {source_name} != {t.dtype} on {target_name}"
+            )
         elif s.shape != t.shape:
             diffs.append(
-                f"{t.name}: shape {list(s.shape)} on {source_name} != {list(t.shape)} on target"
+                f"{t.name}: shape {list(s.shape)} on {source_name} != {list(t.shape)} on {target_name}"
             )
         elif s.nbytes != t.nbytes:
-            diffs.append(f"{t.name}: {s.nbytes} bytes on {source_name} != {t.nbytes} on target")
+            diffs.append(
+                f"{t.name}: {s.nbytes} bytes on {source_name} != {t.nbytes} on {target_name}"
+            )
         else:
             pairs.append((s, t))
     tgt_names = {t.name for t in target}
-    diffs.extend(f"{p.name}: missing on target" for p in source if p.name not in tgt_names)
+    diffs.extend(f"{p.name}: missing on {target_name}" for p in source if p.name not in tgt_names)
     if diffs:
         shown = "; ".join(diffs[:MAX_REPORTED])
         more = f" (and {len(diffs) - MAX_REPORTED} more)" if len(diffs) > MAX_REPORTED else ""
         raise LayoutMismatch(
-            f"layout of {source_name} does not match target: {len(diffs)} differences: {shown}{more}",
+            f"layout of {source_name} does not match {target_name}: {len(diffs)} differences: "
+            f"{shown}{more}",
             differences=diffs[:MAX_REPORTED],
             count=len(diffs),
             source=source_name,

@@ -1,279 +1,40 @@
-"""One pull, as a target: versions -> plan -> prepared lists -> READs -> version fence.
+"""The direct pull: READs from one or more sources that serve a version (striped).
 
-The fence: every source's (version, epoch) is read before the first READ, polled
-while READs are in flight, and read again after the last one landed. Any change
-means the bytes may mix two versions: the pull is retried (version "latest")
-or fails with VersionChanged; it never reports success.
-
-Warm cycles fence one-sidedly: each source keeps (nonce, epoch, generation) in a
-small NIXL-registered header, and every change of version, write state or slabs
-bumps its epoch. A target that already holds the source's manifest READs that
-header before its data READs and again after them (the words must equal what it
-saw when it last asked GetVersion), so a warm cycle makes no RPC. GetVersion (and
-the manifest when the layout changed) is only called when the header differs,
-cannot be read, or the source is new.
-
-Double buffer: the READs land in the standby slab set while the engine keeps
-reading (and peers keep pulling) the active one; only the swap is paused for.
+What it adds to the cycle (cycle.py): the sources must all serve one version under
+one layout fingerprint (a source mid-write is waited for, up to the deadline); a
+fresh target adopts the first source's layout; the plan pairs by name and stripes
+chunks across sources; the fence is each source's version header (or GetVersion),
+looked at while READs are in flight and once after the last one landed. A version
+change makes a "latest" pull start over, up to its retries. Sources on our own GPU
+are copied through CUDA IPC instead of READ over NIXL (ipc.py); the result says which
+(`details["transport"]`), and a NIXL pull that would run over TCP where a faster path
+exists is warned about (fallback.py).
 """
 
 from __future__ import annotations
 
 import functools
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import Cancelled, PeerUnavailable, SourceStale, TransferTimeout, VersionChanged
-from .relay import PullTracker
+from .bounds import check_adopted
+from .cycle import WRITING_BACKOFF_S, Attempt, Parts, PullContext, Watch
+from .errors import SourceStale
+from .fallback import Peer as FallbackPeer
+from .ipc import TRANSPORT
 
 if TYPE_CHECKING:
-    from .agent import Agent, PullResult, _Source
-
-# How often a source's version is polled while READs are in flight; cancellation
-# and progress are looked at on the same tick.
-CHECK_INTERVAL_S = 0.05
-# How long to wait between looks at a source that is mid-write.
-WRITING_BACKOFF_S = 0.01
+    from .memory import SlabInfo
+    from .peers import Source
+    from .planner import Segment
+    from .plans import PreparedReads
+    from .transport import ReadResult
 
 
-@dataclass
-class PullOptions:
-    want: str | None
-    deadline: float  # time.monotonic()
-    chunk_bytes: int
-    max_gbps: float | None = None
-    retries: int = 2
-    quiesce: bool = False
-    quiesce_timeout_s: float = 30.0
-    cancel: threading.Event | None = None
-    progress: Callable[[int], None] | None = None
-    double_buffer: bool = False
-
-    def check_cancel(self) -> None:
-        if self.cancel is not None and self.cancel.is_set():
-            raise Cancelled("the pull was cancelled")
-
-    def check_deadline(self, what: str) -> None:
-        if time.monotonic() > self.deadline:
-            raise TransferTimeout(f"{what} at the deadline")
-
-
-class Watch:
-    """Runs on the pulling thread every CHECK_INTERVAL_S while READs are in flight:
-    cancellation first, then progress (bytes landed so far), then the source fence."""
-
-    def __init__(
-        self, opts: PullOptions, tracker: PullTracker, fence: Callable[[], None] | None = None
-    ):
-        self.opts, self.tracker, self.fence = opts, tracker, fence
-        self.reported = -1
-
-    def report(self) -> None:
-        done = self.tracker.bytes_done
-        if self.opts.progress is not None and done != self.reported:
-            self.reported = done
-            self.opts.progress(done)
-
-    def __call__(self) -> None:
-        self.opts.check_cancel()
-        self.report()
-        if self.fence is not None:
-            self.fence()
-
-
-class Phases:
-    """Where one pull cycle's time went (seconds per step of the last attempt): the
-    READs themselves are `read`; everything else is the cycle's overhead."""
-
-    def __init__(self) -> None:
-        self.t = time.perf_counter()
-        self.spent: dict[str, float] = {}
-
-    def start(self) -> None:  # a retried attempt reports its own steps
-        self.t, self.spent = time.perf_counter(), {}
-
-    def mark(self, step: str) -> dict[str, float]:
-        now = time.perf_counter()
-        self.spent[step] = self.spent.get(step, 0.0) + now - self.t
-        self.t = now
-        return self.spent
-
-
-def _stable_sources(agent: Agent, endpoints: list[str], opts: PullOptions) -> list[_Source]:
-    while True:
-        opts.check_cancel()
-        # PeerUnavailable: run_pull forgets the peer
-        srcs = [agent._source_cached(ep) or agent._source(ep, agent._peer(ep)) for ep in endpoints]
-        writing = [s.endpoint for s in srcs if s.epoch % 2]
-        if not writing:
-            return srcs
-        if time.monotonic() > opts.deadline:
-            raise SourceStale(
-                f"sources {writing} were still being written at the deadline", sources=writing
-            )
-        time.sleep(WRITING_BACKOFF_S)
-
-
-def _fence(agent: Agent, srcs: list[_Source], deadline: float) -> None:
-    for s in srcs:
-        got = agent.read_header(s)
-        if got is not None:
-            words = got[0]
-            if words != s.words:
-                now = "being written" if words[1] % 2 else "a newer version or layout"
-                raise VersionChanged(
-                    f"source {s.endpoint} changed during the pull: had {s.version!r}, {now}",
-                    endpoint=s.endpoint,
-                    had=s.version,
-                    now="",
-                )
-            continue
-        v = s.client.version(timeout=max(0.2, min(5.0, deadline - time.monotonic())))
-        key = f"{v.agent}#{v.generation}#{v.fingerprint}"
-        if (v.version, int(v.epoch), key) != (s.version, s.epoch, s.manifest.cache_key):
-            state = "being written" if int(v.epoch) % 2 else f"now {v.version!r}"
-            raise VersionChanged(
-                f"source {s.endpoint} changed during the pull: had {s.version!r}, {state}",
-                endpoint=s.endpoint,
-                had=s.version,
-                now=v.version,
-            )
-
-
-def adopt_layout(agent: Agent, tensors: Any) -> float:
-    """A fresh replica takes its source's layout (its engine attaches later)."""
-    order = sorted(tensors, key=lambda p: (p.slab, p.offset))
-    agent.declare([p.spec for p in order])
-    return agent.register_s
-
-
-def run_pull(agent: Agent, endpoints: list[str], opts: PullOptions) -> PullResult:
-    if not endpoints:
-        raise ValueError("pull needs at least one source")
-    t_start = time.perf_counter()
-    phases = Phases()
-    stats0 = agent.engine.stats.as_dict()
-    register_s = 0.0
-    refit_id = None
-    ok = False
-    have = opts.want or ""
-    writing = False
-    attempts = 0
-    tracker: PullTracker | None = None
-    try:
-        while True:
-            attempts += 1
-            phases.start()
-            srcs = _stable_sources(agent, endpoints, opts)
-            have = check_sources(srcs, opts.want)
-            phases.mark("sources")
-            if agent._layout is None:
-                register_s = adopt_layout(agent, srcs[0].manifest.tensors)
-            plan = agent._plan(srcs, opts.chunk_bytes)  # LayoutMismatch: nothing written yet
-            local = agent._standby_slabs() if opts.double_buffer else agent.slabs
-            prepared, members = agent._prepare(srcs, plan, local)
-            tracker = PullTracker(have, plan.moved_bytes, members)
-            phases.mark("plan")
-            if not opts.double_buffer:
-                if opts.quiesce and refit_id is None:
-                    refit_id = agent.link.pause(have, opts.quiesce_timeout_s, opts.cancel)
-                agent.begin_write()
-                writing = True
-                agent._track(tracker)  # downstream relays may follow this pull
-            opts.check_cancel()
-            phases.mark("begin")
-            try:
-                res = agent.engine.read(
-                    prepared,
-                    deadline=opts.deadline,
-                    check=Watch(
-                        opts, tracker, functools.partial(_fence, agent, srcs, opts.deadline)
-                    ),
-                    check_interval_s=CHECK_INTERVAL_S,
-                    max_inflight=agent.config.max_inflight,
-                    max_bytes_per_s=opts.max_gbps * 1e9 if opts.max_gbps else None,
-                    on_complete=tracker.on_complete,
-                )
-                phases.mark("read")
-                _fence(agent, srcs, opts.deadline)
-                phases.mark("fence")
-            except VersionChanged:
-                tracker.finish(ok=False)
-                if writing:
-                    agent._mark_failed_pull()
-                    writing = False
-                if opts.want is None and attempts <= opts.retries:
-                    continue
-                raise
-            if opts.progress is not None:
-                opts.progress(plan.moved_bytes)
-            if opts.double_buffer:
-                if opts.quiesce:
-                    refit_id = agent.link.pause(have, opts.quiesce_timeout_s, opts.cancel)
-                opts.check_cancel()
-                agent._swap(have)
-            else:
-                agent.publish(have)
-            writing = False
-            ok = True
-            tracker.finish(ok=True, epoch=agent.version_info()["epoch"])
-            phases.mark("publish")
-            return finish_result(
-                agent, plan, res, attempts, endpoints, register_s, t_start, stats0, phases
-            )
-    except PeerUnavailable as exc:
-        agent._peers.pop(str(exc.fields.get("endpoint", "")), None)
-        raise
-    finally:
-        if tracker is not None and not ok:
-            tracker.finish(ok=False)
-        if writing:
-            agent._mark_failed_pull()
-        gen = agent.version_info()["generation"] if opts.double_buffer and ok else None
-        agent.link.resume(refit_id, have, ok, gen)
-
-
-def finish_result(
-    agent: Agent,
-    plan: Any,
-    res: Any,
-    attempts: int,
-    endpoints: list[str],
-    register_s: float,
-    t_start: float,
-    stats0: dict[str, int],
-    phases: Phases | None = None,
-) -> PullResult:
-    from .agent import PullResult
-
-    stats1 = agent.engine.stats.as_dict()
-    m = agent.metrics
-    m.bytes_moved.labels("in").inc(plan.bytes)
-    m.transfer_seconds.observe(res.seconds)
-    m.transfer_gbps.set(plan.bytes / res.seconds / 1e9 if res.seconds else 0)
-    m.descriptors.set(plan.descriptors)
-    if stats1["dlists_reused"] > stats0["dlists_reused"]:
-        m.dlists_reused.inc()
-    return PullResult(
-        version=agent.version_info()["version"],
-        bytes=plan.bytes,
-        seconds=res.seconds,
-        descriptors=plan.descriptors,
-        attempts=attempts,
-        sources=list(endpoints),
-        register_s=register_s,
-        total_s=time.perf_counter() - t_start,
-        source_bytes=dict(res.per_peer_bytes),
-        phases_s=phases.mark("finish") if phases is not None else {},
-        stats={k: stats1[k] - stats0[k] for k in stats1}
-        | {"total_" + k: v for k, v in stats1.items()},
-    )
-
-
-def check_sources(srcs: list[_Source], want: str | None) -> str:
+def check_sources(srcs: Sequence[Source], want: str | None) -> str:
+    """The one version all sources serve (and `want`, if given), else SourceStale."""
     versions = {s.version for s in srcs}
     fps = {s.manifest.fingerprint for s in srcs}
     if any(not s.version for s in srcs):
@@ -287,3 +48,146 @@ def check_sources(srcs: list[_Source], want: str | None) -> str:
     if want is not None and have != want:
         raise SourceStale(f"sources hold version {have!r}, not {want!r}", have=have, want=want)
     return have
+
+
+def stable_sources(parts: Parts, ctx: PullContext, endpoints: Sequence[str]) -> list[Source]:
+    """What each source holds, once none of them is mid-write (SourceStale at the deadline)."""
+    while True:
+        ctx.check_cancel()
+        srcs = [parts.peers.current(ep) for ep in endpoints]
+        writing = [s.endpoint for s in srcs if s.writing]
+        if not writing:
+            return srcs
+        if time.monotonic() > ctx.deadline:
+            raise SourceStale(
+                f"sources {writing} were still being written at the deadline", sources=writing
+            )
+        time.sleep(WRITING_BACKOFF_S)
+
+
+def adopt_layout(parts: Parts, ctx: PullContext, tensors: Sequence[Any]) -> None:
+    """A fresh replica takes its source's layout (its engine attaches later), within
+    the request's bounds and the agent's (bounds.py: refused before allocating)."""
+    order = sorted(tensors, key=lambda p: (p.slab, p.offset))
+    specs = [p.spec for p in order]
+    check_adopted(specs, ctx.request)  # LayoutTooLarge / LayoutMismatch
+    parts.store.declare(specs)
+    ctx.register_s = parts.store.last_declare.register_s if parts.store.last_declare else 0.0
+
+
+STALL_FLOOR_BYTES_PER_S = 1e9  # an unpaced link slower than this may need a larger stall_timeout_s
+
+
+def stall_window(ctx: PullContext, max_inflight: int, total: int) -> float:
+    """How long a pull may land nothing before it counts as stalled: the request's
+    stall timeout, plus the time the first READ window (up to max_inflight chunks in
+    flight at once, none of which lands until it completes) needs at the pace cap, or
+    at STALL_FLOOR_BYTES_PER_S unpaced."""
+    window = min(total, max_inflight * ctx.chunk_bytes)
+    rate = ctx.request.max_gbps * 1e9 if ctx.request.max_gbps else STALL_FLOOR_BYTES_PER_S
+    return ctx.request.stall_timeout_s + window / rate
+
+
+def fenced_read(
+    parts: Parts, ctx: PullContext, srcs: Sequence[Source], entries: Sequence[Any], watch: Watch
+) -> ReadResult:
+    """The prepared READs, with the sources' fence looked at while they are in flight."""
+    watch.fence = functools.partial(parts.peers.fence, srcs, ctx.deadline)
+    watch.stall_s = stall_window(ctx, parts.max_inflight, watch.tracker.bytes_total)
+    return parts.transport.read(
+        entries,
+        check=watch,
+        max_inflight=parts.max_inflight,
+        on_complete=watch.tracker.on_complete,
+        **ctx.read_limits(),
+    )
+
+
+@dataclass(frozen=True)
+class _Reads:
+    """A NIXL attempt: the sources and the prepared READs."""
+
+    srcs: list[Source]
+    reads: PreparedReads
+
+
+@dataclass(frozen=True)
+class _Copies:
+    """A same-GPU attempt: the sources, our slabs, and each source's segments to copy."""
+
+    srcs: list[Source]
+    local: list[SlabInfo]
+    work: list[tuple[str, list[Segment]]]
+
+
+class DirectPull:
+    digests_early = True
+
+    def __init__(self, parts: Parts, endpoints: Sequence[str], double_buffer: bool) -> None:
+        self.parts = parts
+        self.endpoints = list(endpoints)
+        self.double_buffer = double_buffer
+        self._retries = 0
+
+    def retries(self) -> int:
+        return self._retries
+
+    def sources(self) -> list[str]:
+        return list(self.endpoints)
+
+    def digest_source(self, attempt: Attempt) -> Source:
+        return attempt.state.srcs[0]  # every source serves the one version (check_sources)
+
+    def details(self, attempt: Attempt) -> dict[str, Any]:
+        return {"transport": TRANSPORT if isinstance(attempt.state, _Copies) else "nixl"}
+
+    def prepare(self, ctx: PullContext) -> Attempt:
+        parts = self.parts
+        self._retries = ctx.request.retries if ctx.request.version is None else 0
+        srcs = stable_sources(parts, ctx, self.endpoints)
+        have = check_sources(srcs, ctx.request.version)
+        ctx.phases.mark("sources")
+        if not parts.store.declared:
+            adopt_layout(parts, ctx, srcs[0].manifest.tensors)
+        plan = parts.plans.plan(srcs, parts.store.layout, ctx.chunk_bytes)  # LayoutMismatch
+        local = [
+            s.info for s in (parts.store.standby() if self.double_buffer else parts.store.slabs)
+        ]
+        if self._same_gpu(srcs):
+            work = [(s.endpoint, plan.for_source(k)) for k, s in enumerate(srcs)]
+            state = _Copies(srcs, local, work)
+            return Attempt(have, plan.bytes, plan.moved_bytes, plan.descriptors, {}, state)
+        if parts.fallback is not None:
+            for src in srcs:
+                m = src.manifest
+                parts.fallback.check(src.endpoint, FallbackPeer(m.host_id, m.device, m.memory))
+        reads = parts.plans.prepare(srcs, plan, local, parts.store.generation)
+        return Attempt(
+            have, plan.bytes, plan.moved_bytes, plan.descriptors, reads.members, _Reads(srcs, reads)
+        )
+
+    def _same_gpu(self, srcs: Sequence[Source]) -> bool:
+        """Every source is on our GPU and its slabs open through CUDA IPC."""
+        ipc, here = self.parts.ipc, self.parts.locality
+        if ipc is None or not all(here.same_gpu(s.manifest) for s in srcs):
+            return False
+        return all(ipc.open(s.endpoint, s.manifest) for s in srcs)
+
+    def transfer(self, ctx: PullContext, attempt: Attempt, watch: Watch) -> ReadResult:
+        st = attempt.state
+        if isinstance(st, _Copies):  # milliseconds: fenced before and after, not during
+            assert self.parts.ipc is not None
+            return self.parts.ipc.copy(
+                st.work,
+                st.local,
+                deadline=ctx.deadline,
+                check=watch,
+                on_landed=watch.tracker.landed,
+            )
+        return fenced_read(self.parts, ctx, st.srcs, st.reads.entries, watch)
+
+    def verify(self, ctx: PullContext, attempt: Attempt) -> None:
+        self.parts.peers.fence(attempt.state.srcs, ctx.deadline)
+
+    def land(self, ctx: PullContext, attempt: Attempt) -> None:
+        pass

@@ -1,31 +1,36 @@
-"""Chunk-pipelined relay: a chain link reads from an upstream target while it still pulls.
+"""The relay pull: a chain link READs from an upstream target while that target still pulls.
 
-Upstream side: a PullTracker records which byte ranges of our slabs have landed
-for the pull in progress (one id per pull attempt); the RelayStatus RPC serves
-it. Downstream side (run_relay): adopt the upstream's layout as soon as it is
-declared, then repeatedly ask RelayStatus and READ only the descriptor groups
-whose source bytes lie inside completed ranges; at the end require that the
-upstream finished that same pull and now serves the version (its published
-epoch), else RelayBroken / VersionChanged: the operator re-links the target.
+Upstream side: the pull cycle tracks which byte ranges of our slabs have landed for
+the pull in progress (progress.PullTracker, one id per attempt); the RelayStatus RPC
+serves it. Downstream side (RelayPull): adopt the upstream's layout as soon as it is
+declared, then repeatedly ask RelayStatus — a long poll, answered as soon as more
+bytes landed — and READ only the descriptor groups whose source bytes lie inside
+completed ranges; at the end require that the upstream finished that same pull and
+now serves the version at the epoch it published, else RelayBroken / VersionChanged:
+the operator re-links the target.
+
+An upstream that already serves the version when the link starts is pulled from
+directly (`start` returns None).
 """
 
 from __future__ import annotations
 
-import bisect
 import functools
-import secrets
-import threading
 import time
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .cycle import Attempt, Parts, PullContext, Watch
 from .errors import NotDeclared, PeerUnavailable, RelayBroken, VersionChanged
 from .planner import Segment
+from .progress import ByteRange, PullTracker, covered, merge
+from .pull import adopt_layout
+from .transport import Prepared, ReadResult
+from .version import is_writing
 
 if TYPE_CHECKING:
-    from .agent import Agent, PullResult
-    from .pull import PullOptions
+    from .peers import Source
+    from .planner import Plan
 
 # How often a link asks its upstream whether it started pulling (once per link).
 RELAY_POLL_S = 0.01
@@ -36,197 +41,127 @@ RELAY_POLL_S = 0.01
 RELAY_WAIT_S = 0.05
 
 
-# -- ranges (pure) -----------------------------------------------------------------
-def merge(ranges: Iterable[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
-    """(slab, offset, nbytes) ranges sorted and merged where they touch or overlap."""
-    out: list[tuple[int, int, int]] = []
-    for slab, off, n in sorted(r for r in ranges if r[2] > 0):
-        if out and out[-1][0] == slab and off <= out[-1][1] + out[-1][2]:
-            s, o, m = out[-1]
-            out[-1] = (s, o, max(o + m, off + n) - o)
-        else:
-            out.append((slab, off, n))
-    return out
-
-
-def covered(merged: Sequence[tuple[int, int, int]], slab: int, off: int, n: int) -> bool:
-    """Is [off, off+n) of `slab` inside one merged range?"""
-    if n == 0:
-        return True
-    i = bisect.bisect_right(merged, (slab, off, 1 << 64)) - 1
-    if i < 0:
-        return False
-    s, o, m = merged[i]
-    return s == slab and o <= off and off + n <= o + m
-
-
-# -- upstream side -----------------------------------------------------------------
-class PullTracker:
-    """Which of our slab ranges hold the version being pulled; updated from NIXL's
-    posting threads as each READ handle completes (see NixlEngine.read on_complete)."""
-
-    def __init__(self, version: str, total: int, members: dict[tuple[str, int], list[Segment]]):
-        self.pull_id = secrets.token_hex(8)
-        self.version = version
-        self.bytes_total = total
-        self.state = "Pulling"
-        self.epoch = 0  # our published epoch once Done
-        self._members = members
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
-        self._landed: list[tuple[int, int, int]] = []
-        self.bytes_done = 0
-
-    def on_complete(self, entry: Any, i: int) -> None:
-        self.landed(self._members.get((entry.peer, i), []))
-
-    def landed(self, segs: Sequence[Segment]) -> None:
-        with self._lock:
-            self._landed.extend((g.dst_slab, g.dst_offset, g.nbytes) for g in segs)
-            self.bytes_done += sum(g.nbytes for g in segs)
-            if len(self._landed) > 64:
-                self._landed = merge(self._landed)
-            self._changed.notify_all()
-
-    def finish(self, ok: bool, epoch: int = 0) -> None:
-        with self._lock:
-            if self.state == "Pulling":
-                self.state, self.epoch = ("Done", epoch) if ok else ("Failed", 0)
-            self._changed.notify_all()
-
-    def wait_beyond(self, after_bytes: int, timeout: float) -> None:
-        """Block until more than `after_bytes` landed, the pull ended, or `timeout`."""
-        with self._lock:
-            self._changed.wait_for(
-                lambda: self.bytes_done > after_bytes or self.state != "Pulling", timeout
-            )
-
-    def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            self._landed = merge(self._landed)
-            return {
-                "pull_id": self.pull_id,
-                "version": self.version,
-                "state": self.state,
-                "epoch": self.epoch,
-                "bytes_done": self.bytes_done,
-                "bytes_total": self.bytes_total,
-                "completed": list(self._landed),
-            }
-
-
-# -- downstream side -------------------------------------------------------------------
 @dataclass
-class _Link:
+class _Upstream:
     """What a downstream link follows: the upstream, our prepared READs from it, and
     for each READ handle the plan segments (source ranges) it carries."""
 
-    src: Any  # agent._Source
-    entry: Any  # nixl_engine.Prepared
+    src: Source
+    entry: Prepared
     need: list[list[Segment]]
-    plan: Any  # planner.Plan
+    plan: Plan
     pull_id: str
-    version: str
+    rounds: int = 0  # READ rounds it took (one per batch of groups found landed)
 
 
-def _serves(client: Any, want: str | None) -> bool:
-    v = client.version()
-    return bool(v.version) and int(v.epoch) % 2 == 0 and (want is None or v.version == want)
-
-
-def run_relay(agent: Agent, endpoint: str, opts: PullOptions) -> PullResult:
-    """Pull from `endpoint` while it pulls the same version (a plain pull once it serves it)."""
-    from .agent import _Source
-    from .pull import adopt_layout, run_pull
-
-    t_start = time.perf_counter()
-    stats0 = agent.engine.stats.as_dict()
-    client = agent._peer(endpoint)
-    try:
-        while True:  # wait for the upstream to declare its layout and start the pull
-            opts.check_cancel()
-            st = client.relay_status()
-            if st.state != "Pulling" and _serves(client, opts.want):
-                return run_pull(agent, [endpoint], opts)
-            if st.state == "Pulling" and st.fingerprint and opts.want in (None, st.version):
-                break
-            opts.check_deadline(f"upstream {endpoint} was not pulling {opts.want or 'a version'}")
-            time.sleep(RELAY_POLL_S)
-        try:
-            man = client.manifest()
-        except PeerUnavailable as exc:
-            if exc.fields.get("code") == "FAILED_PRECONDITION":
-                raise NotDeclared(
-                    f"upstream {endpoint} lost its layout", endpoint=endpoint
-                ) from exc
-            raise
-        if (man.fingerprint, man.generation) != (st.fingerprint, int(st.generation)):
-            raise RelayBroken(f"upstream {endpoint} re-declared its layout", endpoint=endpoint)
-        cached = agent._peers.get(endpoint)
-        if cached is not None and cached.manifest.cache_key != man.cache_key:
-            agent.engine.drop(endpoint)
-        src = _Source(endpoint, client, man, st.version, int(man.epoch))
-        agent._peers[endpoint] = src
-        register_s = adopt_layout(agent, man.tensors) if agent._layout is None else 0.0
-        plan = agent._plan([src], opts.chunk_bytes)  # LayoutMismatch: nothing written yet
-        prepared, members = agent._prepare([src], plan, agent.slabs)
-        entry = prepared[0]
-        need = [members[(entry.peer, i)] for i in range(len(entry.handles))]
-        link = _Link(src, entry, need, plan, st.pull_id, st.version)
-        return _follow(agent, link, opts, register_s, t_start, stats0)
-    except PeerUnavailable:
-        agent._peers.pop(endpoint, None)
-        raise
+def _serves(client: Any, rank: int, want: str | None) -> bool:
+    v = client.version(rank=rank)
+    return bool(v.version) and not is_writing(int(v.epoch)) and want in (None, v.version)
 
 
 def _landed(tracker: PullTracker, groups: list[list[Segment]], _entry: Any, j: int) -> None:
     tracker.landed(groups[j])
 
 
-def _ready(link: _Link, todo: set[int], status: Any) -> list[int]:
-    have = merge((int(r.slab), int(r.offset), int(r.nbytes)) for r in status.completed)
-    return sorted(
-        i
-        for i in todo
-        if all(covered(have, g.src_slab, g.src_offset, g.nbytes) for g in link.need[i])
-    )
+class RelayPull:
+    double_buffer = False
+    digests_early = False
 
+    def __init__(self, parts: Parts, endpoint: str) -> None:
+        self.parts = parts
+        self.endpoint = endpoint
+        self._status: Any = None  # the upstream's RelayStatus once it pulls
 
-def _follow(
-    agent: Agent,
-    link: _Link,
-    opts: PullOptions,
-    register_s: float,
-    t_start: float,
-    stats0: dict[str, int],
-) -> PullResult:
-    from .nixl_engine import Prepared, ReadResult
-    from .pull import CHECK_INTERVAL_S, Watch, finish_result
+    def retries(self) -> int:
+        return 0  # a changed upstream is re-linked by the operator
 
-    src, entry, version = link.src, link.entry, link.version
-    tracker = PullTracker(version, link.plan.moved_bytes, {})
-    refit_id = None
-    if opts.quiesce:
-        refit_id = agent.link.pause(version, opts.quiesce_timeout_s, opts.cancel)
-    ok = False
-    try:
-        agent.begin_write()
-        agent._track(tracker)  # the next link may follow us in turn
-        watch = Watch(opts, tracker)
-        todo = set(range(len(link.need)))
+    def sources(self) -> list[str]:
+        return [self.endpoint]
+
+    def digest_source(self, attempt: Attempt) -> Source:
+        """The upstream: it published the version (verified, with its source's digests)."""
+        return attempt.state.src
+
+    def details(self, attempt: Attempt) -> dict[str, Any]:
+        return {"relay_rounds": attempt.state.rounds}
+
+    def start(self, ctx: PullContext) -> bool:
+        """Wait until the upstream pulls the version we want (True) or already serves it
+        (False: pull from it directly)."""
+        client, rank = self.parts.peers.client(self.endpoint)
+        try:
+            while True:
+                ctx.check_cancel()
+                st = client.relay_status(rank=rank)
+                if st.state != "Pulling" and _serves(client, rank, ctx.request.version):
+                    return False
+                if (
+                    st.state == "Pulling"
+                    and st.fingerprint
+                    and ctx.request.version
+                    in (
+                        None,
+                        st.version,
+                    )
+                ):
+                    self._status = st
+                    return True
+                ctx.check_deadline(
+                    f"upstream {self.endpoint} was not pulling {ctx.request.version or 'a version'}"
+                )
+                time.sleep(RELAY_POLL_S)
+        except PeerUnavailable:
+            self.parts.peers.forget(self.endpoint)
+            raise
+
+    def prepare(self, ctx: PullContext) -> Attempt:
+        parts, st = self.parts, self._status
+        client, rank = parts.peers.client(self.endpoint)
+        try:
+            man = client.manifest(rank=rank)
+        except PeerUnavailable as exc:
+            parts.peers.forget(self.endpoint)
+            if exc.fields.get("code") == "FAILED_PRECONDITION":
+                raise NotDeclared(
+                    f"upstream {self.endpoint} lost its layout", endpoint=self.endpoint
+                ) from exc
+            raise
+        if (man.fingerprint, man.generation) != (st.fingerprint, int(st.generation)):
+            raise RelayBroken(
+                f"upstream {self.endpoint} re-declared its layout", endpoint=self.endpoint
+            )
+        src = parts.peers.adopt(self.endpoint, man, st.version)
+        if not parts.store.declared:
+            adopt_layout(parts, ctx, man.tensors)
+        plan = parts.plans.plan([src], parts.store.layout, ctx.chunk_bytes)  # LayoutMismatch
+        reads = parts.plans.prepare(
+            [src], plan, [s.info for s in parts.store.slabs], parts.store.generation
+        )
+        entry = reads.entries[0]
+        need = [reads.members[(entry.peer, i)] for i in range(len(entry.handles))]
+        up = _Upstream(src, entry, need, plan, st.pull_id)
+        # The tracker learns of landed bytes from transfer() (handles are re-grouped there).
+        return Attempt(st.version, plan.bytes, plan.moved_bytes, plan.descriptors, {}, up)
+
+    def transfer(self, ctx: PullContext, attempt: Attempt, watch: Watch) -> ReadResult:
+        up: _Upstream = attempt.state
+        src, entry = up.src, up.entry
+        todo = set(range(len(up.need)))
         seconds, rounds = 0.0, 0
         seen = -1  # upstream bytes already looked at: the next ask waits for more
         while True:
-            opts.check_cancel()
-            opts.check_deadline(f"relay from {src.endpoint}: {len(todo)} READ groups left")
-            st = src.client.relay_status(after_bytes=seen, wait_s=RELAY_WAIT_S if seen >= 0 else 0)
+            ctx.check_cancel()
+            ctx.check_deadline(f"relay from {src.endpoint}: {len(todo)} READ groups left")
+            st = src.client.relay_status(
+                after_bytes=seen, wait_s=RELAY_WAIT_S if seen >= 0 else 0, rank=src.rank
+            )
             seen = -1
-            if st.pull_id != link.pull_id or st.state == "Failed":
+            if st.pull_id != up.pull_id or st.state == "Failed":
                 raise RelayBroken(
                     f"upstream {src.endpoint} abandoned the pull we followed ({st.state})",
                     endpoint=src.endpoint,
                 )
-            ready = _ready(link, todo, st)
+            ready = _ready(up, todo, st)
             if not ready:
                 if not todo and st.state == "Done":
                     break
@@ -239,40 +174,43 @@ def _follow(
                 [entry.handles[i] for i in ready],
                 [entry.handle_bytes[i] for i in ready],
                 [],
-                sum(len(link.need[i]) for i in ready),
+                sum(len(up.need[i]) for i in ready),
             )
-            res = agent.engine.read(
+            res = self.parts.transport.read(
                 [sub],
-                deadline=opts.deadline,
                 check=watch,
-                check_interval_s=CHECK_INTERVAL_S,
-                max_inflight=agent.config.max_inflight,
-                max_bytes_per_s=opts.max_gbps * 1e9 if opts.max_gbps else None,
-                on_complete=functools.partial(_landed, tracker, [link.need[i] for i in ready]),
+                max_inflight=self.parts.max_inflight,
+                on_complete=functools.partial(_landed, watch.tracker, [up.need[i] for i in ready]),
+                **ctx.read_limits(),
             )
             seconds += res.seconds
             rounds += 1
             todo.difference_update(ready)
-        info = src.client.version()
-        if (info.version, int(info.epoch)) != (version, int(st.epoch)):
+        self._status = st  # Done: the epoch it published
+        moved = {src.endpoint: up.plan.moved_bytes}
+        up.rounds = rounds
+        return ReadResult(up.plan.bytes, seconds, up.plan.descriptors, len(up.need), moved)
+
+    def verify(self, ctx: PullContext, attempt: Attempt) -> None:
+        up: _Upstream = attempt.state
+        info = up.src.client.version(rank=up.src.rank)
+        if (info.version, int(info.epoch)) != (attempt.version, int(self._status.epoch)):
             raise VersionChanged(
-                f"upstream {src.endpoint} finished {version!r} but now serves {info.version!r}",
-                endpoint=src.endpoint,
-                had=version,
+                f"upstream {up.src.endpoint} finished {attempt.version!r} but now serves "
+                f"{info.version!r}",
+                endpoint=up.src.endpoint,
+                had=attempt.version,
                 now=info.version,
             )
-        if opts.progress is not None:
-            opts.progress(link.plan.moved_bytes)
-        agent.publish(version)
-        ok = True
-        tracker.finish(ok=True, epoch=agent.version_info()["epoch"])
-        moved = {src.endpoint: link.plan.moved_bytes}
-        res = ReadResult(link.plan.bytes, seconds, link.plan.descriptors, len(link.need), moved)
-        out = finish_result(agent, link.plan, res, 1, [src.endpoint], register_s, t_start, stats0)
-        out.stats["relay_rounds"] = rounds
-        return out
-    finally:
-        if not ok:
-            tracker.finish(ok=False)
-            agent._mark_failed_pull()
-        agent.link.resume(refit_id, version, ok)
+
+    def land(self, ctx: PullContext, attempt: Attempt) -> None:
+        pass
+
+
+def _ready(up: _Upstream, todo: set[int], status: Any) -> list[int]:
+    have = merge(ByteRange(int(r.slab), int(r.offset), int(r.nbytes)) for r in status.completed)
+    return sorted(
+        i
+        for i in todo
+        if all(covered(have, g.src_slab, g.src_offset, g.nbytes) for g in up.need[i])
+    )

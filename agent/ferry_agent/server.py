@@ -1,5 +1,6 @@
 """The agent's gRPC server: FerryAgent servicer plus any extra servicers (e.g. ArtifactCache),
-all behind the same token interceptor."""
+all behind the same peer check: mTLS with per-pod identities (cluster mode) or the
+shared token (standalone; auth.py)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from .auth import AuthInterceptor
-from .errors import FerryError, NotDeclared
+from .auth import AuthInterceptor, PeerInterceptor, PeerTls
+from .errors import BadRequest, FerryError, NotDeclared
+from .follow import MAX_FOLLOWERS
 from .peer import MAX_MESSAGE
 from .proto import ferry_agent_pb2 as _pb
 from .proto import ferry_agent_pb2_grpc as _pb_grpc
+from .request import PullRequest
 
 # Generated modules have no type stubs.
 pb: Any = _pb
@@ -23,60 +26,96 @@ pb_grpc: Any = _pb_grpc
 
 if TYPE_CHECKING:
     from .agent import Agent
+    from .rank import RankAgent
 
 log = logging.getLogger(__name__)
 
 
 class AgentServicer(pb_grpc.FerryAgentServicer):
+    """Every request names the local rank it is about (0 for single-GPU pods)."""
+
     def __init__(self, agent: Agent):
         self.agent = agent
 
-    def GetManifest(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+    def _rank(self, request: Any, context: grpc.ServicerContext) -> RankAgent:
         try:
-            man = self.agent.manifest(with_metadata=not request.omit_nixl_metadata)
+            return self.agent.rank(int(request.rank))
+        except BadRequest as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
+            raise  # abort raises; this keeps type checkers informed
+
+    def GetManifest(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        rank = self._rank(request, context)
+        try:
+            man = rank.manifest(with_metadata=not request.omit_nixl_metadata)
         except NotDeclared as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, exc.message)
         return man.to_proto()
 
     def GetVersion(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        return pb.VersionInfo(**self.agent.version_info(), **self.agent.header_info())
+        rank = self._rank(request, context)
+        return pb.VersionInfo(**rank.version_info(), **rank.header_info())
 
     def Health(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        a = self.agent
-        info = a.version_info()
+        rank = self._rank(request, context)
+        info = rank.version_info()
         return pb.HealthResponse(
             ok=True,
-            state=a.state,
-            pod=a.config.pod,
-            namespace=a.config.namespace,
+            state=rank.state,
+            pod=self.agent.config.pod,
+            namespace=self.agent.config.namespace,
             version=info["version"],
             fingerprint=info["fingerprint"],
         )
 
     def RelayStatus(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        st = self.agent.relay_status(request.after_bytes, request.wait_ms / 1e3)
-        completed = [
-            pb.ByteRange(slab=s, offset=o, nbytes=n) for s, o, n in st.pop("completed", [])
-        ]
-        return pb.RelayStatusReply(completed=completed, **st)
+        rank = self._rank(request, context)
+        st, layout = rank.relay_status(request.after_bytes, request.wait_ms / 1e3)
+        return pb.RelayStatusReply(
+            pull_id=st.pull_id,
+            version=st.version,
+            state=st.state,
+            epoch=st.epoch,
+            bytes_done=st.bytes_done,
+            bytes_total=st.bytes_total,
+            completed=[
+                pb.ByteRange(slab=r.slab, offset=r.offset, nbytes=r.nbytes) for r in st.completed
+            ],
+            **layout,
+        )
+
+    def GetDigests(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        rank = self._rank(request, context)
+        got = rank.digests(request.version)
+        if got is None:
+            context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"no content digests of version {request.version!r} here",
+            )
+        return got.to_proto(pb)
+
+    def Follow(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        from .follow import stream
+
+        rank = self._rank(request, context)
+        try:
+            sub = rank.followers.subscribe(str(request.follower), str(request.serving))
+        except BadRequest as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message)
+        for notice in stream(sub, context.is_active):
+            yield notice.to_proto(pb)
+
+    def Report(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        from .follow import Outcome
+
+        self._rank(request, context).followers.report(Outcome.from_proto(request))
+        return pb.FollowReportReply()
 
     def Pull(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         cancel = threading.Event()
         context.add_callback(cancel.set)  # the caller cancelled (or the call ended)
         try:
-            r = self.agent.pull(
-                list(request.sources),
-                version=request.version or None,
-                timeout_s=request.timeout_s or 60.0,
-                chunk_bytes=request.chunk_bytes or None,
-                max_gbps=request.max_gbps or None,
-                retries=request.retries,
-                quiesce=request.quiesce_engine,
-                quiesce_timeout_s=request.quiesce_timeout_s or 30.0,
-                relay=request.relay,
-                double_buffer=request.double_buffer,
-                cancel=cancel,
-            )
+            r = self.agent.pull(PullRequest.from_proto(request), cancel=cancel)
         except FerryError as exc:
             return pb.PullReply(
                 ok=False,
@@ -84,7 +123,7 @@ class AgentServicer(pb_grpc.FerryAgentServicer):
                 message=exc.message,
                 differences=[str(d) for d in exc.fields.get("differences", [])],
             )
-        except ValueError as exc:
+        except ValueError as exc:  # a malformed request the typed checks did not name
             return pb.PullReply(ok=False, reason="BadRequest", message=str(exc))
         s = r.stats
         return pb.PullReply(
@@ -104,16 +143,31 @@ class AgentServicer(pb_grpc.FerryAgentServicer):
             source_bytes=r.source_bytes,
             phases_s=r.phases_s,
             xfer_handles_created=s.get("xfer_handles_created", 0),
+            transport=str(r.details.get("transport", "nixl")),
+            verified_pieces=int(r.details.get("verified_pieces", 0)),
+            digest=str(r.details.get("digest", "")),
         )
 
 
 class AgentServer:
-    """grpc.server with the token interceptor; `add_servicer` before `start` to serve more."""
+    """grpc.server behind the peer check (mTLS when `tls` is given, else the token);
+    `add_servicer` before `start` to serve more."""
 
     def __init__(
-        self, agent: Agent, host: str, port: int, token: Callable[[], str], max_workers: int = 16
+        self,
+        agent: Agent,
+        host: str,
+        port: int,
+        token: Callable[[], str],
+        max_workers: int = 16,
+        tls: PeerTls | None = None,
     ):
-        self.interceptor = AuthInterceptor(token)
+        # Each Follow stream holds a thread for its lifetime (ferry_agent.follow): room for them
+        # on top of the calls that come and go.
+        max_workers += MAX_FOLLOWERS
+        self.interceptor: grpc.ServerInterceptor = (
+            PeerInterceptor(tls) if tls is not None else AuthInterceptor(token)
+        )
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
             interceptors=[self.interceptor],
@@ -124,7 +178,10 @@ class AgentServer:
             ],
         )
         pb_grpc.add_FerryAgentServicer_to_server(AgentServicer(agent), self._server)
-        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        if tls is not None:
+            self.port = self._server.add_secure_port(f"{host}:{port}", tls.server_credentials())
+        else:
+            self.port = self._server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
             raise OSError(f"cannot bind gRPC on {host}:{port}")
         self._started = False

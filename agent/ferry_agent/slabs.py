@@ -8,28 +8,18 @@ expandable segments, exported to the engine as CUDA IPC handles.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import mmap
 import os
 import secrets
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from .memory import SlabInfo
+
 SHM_DIR = "/dev/shm"
 PAGE = 4096
-
-
-@dataclass(frozen=True)
-class SlabInfo:
-    """What a peer or the engine needs to know about a slab (typed, no pickles)."""
-
-    index: int
-    addr: int
-    nbytes: int
-    memory: str  # "DRAM" | "VRAM"
-    device_id: int  # NIXL device id: 0 for DRAM, the CUDA ordinal for VRAM
-    handle: str  # shm name (host) or hex CUDA IPC handle (cuda)
 
 
 def _madvise_populate(addr: int, nbytes: int) -> bool:
@@ -44,7 +34,9 @@ class HostSlab:
     memory = "DRAM"
     device_id = 0
 
-    def __init__(self, index: int, name: str, nbytes: int, mm: mmap.mmap, owner: bool):
+    def __init__(
+        self, index: int, name: str, nbytes: int, mm: mmap.mmap, owner: bool, lock_fd: int = -1
+    ):
         self.index = index
         self.name = name
         self.nbytes = nbytes
@@ -52,23 +44,27 @@ class HostSlab:
         self._array: np.ndarray | None = np.frombuffer(mm, dtype=np.uint8, count=nbytes)
         self.addr = int(self._array.ctypes.data)
         self.owner = owner
+        self._lock_fd = lock_fd  # the creator's open file, holding the flock
 
     @classmethod
     def create(
         cls, index: int, nbytes: int, *, prefix: str = "ferry", prefault: bool = True
     ) -> HostSlab:
-        name = f"{prefix}-{os.getpid()}-{index}-{secrets.token_hex(4)}"
+        """A new slab named `{prefix}_{index}_{random}` (see slab_prefix), held with an
+        exclusive flock for as long as it exists: the lock, not a PID, says that its
+        creator is alive (reap_stale)."""
+        name = f"{prefix}_{index}_{secrets.token_hex(4)}"
         path = os.path.join(SHM_DIR, name)
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.ftruncate(fd, nbytes)
             mm = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.unlink(path)
-            raise
-        finally:
             os.close(fd)
-        slab = cls(index, name, nbytes, mm, owner=True)
+            raise
+        slab = cls(index, name, nbytes, mm, owner=True, lock_fd=fd)
         if prefault:
             slab.prefault()
         return slab
@@ -116,41 +112,51 @@ class HostSlab:
                 os.unlink(os.path.join(SHM_DIR, self.name))
             except FileNotFoundError:
                 pass
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = -1
 
 
-def reap_stale(prefix: str, shm_dir: str = SHM_DIR) -> list[str]:
-    """Unlink slabs named `{prefix}-{pid}-...` whose creating process is gone.
+def slab_prefix(owner: str, kind: str, start: str) -> str:
+    """`{owner}_{kind}_{start}`: owner is `{shm_prefix}-{pod}` (pod names never hold "_"),
+    kind says which slabs (r0, r1: a local rank's weights; r0x: its scratch), start is
+    random per agent start."""
+    return f"{owner}_{kind}_{start}"
 
-    A killed agent cannot unlink its slabs, and a pod's /dev/shm (an emptyDir)
-    outlives a container restart: without this, every crash would leak a
-    weight set's worth of memory."""
+
+def reap_stale(owner: str, shm_dir: str = SHM_DIR) -> list[str]:
+    """Unlink the slabs of `owner` (see slab_prefix) that no live process holds.
+
+    A killed agent cannot unlink its slabs, and a pod's /dev/shm (an emptyDir) outlives
+    a container restart: without this, every crash would leak a weight set's worth of
+    memory. A PID cannot tell: in a container the restarted agent is PID 1 again, so a
+    slab's creator holds an exclusive flock on it for its whole life, and a slab whose
+    lock can be taken is its dead creator's."""
     removed: list[str] = []
     try:
         names = os.listdir(shm_dir)
     except OSError:
         return removed
     for name in names:
-        if not name.startswith(prefix + "-"):
+        if not name.startswith(owner + "_") or len(name[len(owner) + 1 :].split("_")) != 4:
             continue
-        parts = name[len(prefix) + 1 :].split("-")
-        # exactly {pid}-{index}-{hex}: "ferry-w-1-..." is pod "w-1", not pod "w"
-        if len(parts) != 3 or not (parts[0].isdigit() and parts[1].isdigit()):
-            continue
-        pid_text = parts[0]
-        if int(pid_text) == os.getpid():
+        path = os.path.join(shm_dir, name)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:
             continue
         try:
-            os.kill(int(pid_text), 0)
-            continue  # still alive
-        except ProcessLookupError:
-            pass
-        except PermissionError:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # its creator is alive
+            os.close(fd)
             continue
-        try:
-            os.unlink(os.path.join(shm_dir, name))
+        try:  # unlinked while we hold the lock: nobody can have taken the slab since
+            os.unlink(path)
             removed.append(name)
         except FileNotFoundError:
             pass
+        finally:
+            os.close(fd)
     return removed
 
 
@@ -172,70 +178,3 @@ def create_slabs(
 
         return [CudaSlab.create(i, n, device=device) for i, n in enumerate(sizes)]
     raise ValueError(f"memory must be host or cuda, not {memory!r}")
-
-
-class VersionHeader:
-    """A tiny registered region: (nonce, epoch, generation, version length) as uint64s,
-    then the version string (UTF-8, at most MAX_VERSION bytes; longer: length 2**63).
-
-    A source keeps its own header equal to its version fields; a target READs a
-    source's header into its own (a landing buffer) before and after the data, so
-    the check needs no RPC. The agent keeps both in host memory by default (no CUDA
-    copy to write or read them; `header_memory="slab"` puts them in VRAM on CUDA
-    agents). Kept referenced for its registered life."""
-
-    NBYTES = 256
-    WORDS = 3
-    MAX_VERSION = NBYTES - 32
-
-    def __init__(self, memory: str, device: int = 0):
-        self.memory = "VRAM" if memory == "cuda" else "DRAM"
-        self.device_id = device if memory == "cuda" else 0
-        self._host = np.zeros(self.NBYTES // 8, np.uint64)  # staging (cuda) or the region itself
-        self._cuda: Any = None
-        if memory == "cuda":
-            from .cuda import CudaSlab
-
-            self._cuda = CudaSlab.create(0, PAGE, device=device)
-            self.addr = self._cuda.addr
-        else:
-            self.addr = int(self._host.ctypes.data)
-
-    @property
-    def region(self) -> tuple[int, int, int]:
-        return (self.addr, self.NBYTES, self.device_id)
-
-    def write(self, words: tuple[int, ...], version: str) -> None:
-        """Every change bumps the epoch word (publish, begin_write, re-declare), and the
-        words go after the version bytes: a READ torn by a concurrent change sees a
-        version that the READ after the data (which compares the words) rejects."""
-        raw = version.encode()
-        n = len(raw) if len(raw) <= self.MAX_VERSION else 1 << 63
-        b = self._host.view(np.uint8)
-        if n <= self.MAX_VERSION:
-            b[32 : 32 + n] = np.frombuffer(raw, np.uint8)
-        self._host[3] = n
-        self._host[: self.WORDS] = words
-        if self._cuda is not None:
-            from .cuda import memcpy, set_device
-
-            set_device(self.device_id)
-            memcpy(self.addr, int(self._host.ctypes.data), self.NBYTES)
-
-    def read(self) -> tuple[tuple[int, ...], str | None]:
-        """(words, version); version None when it did not fit (ask GetVersion)."""
-        if self._cuda is not None:
-            from .cuda import memcpy, set_device
-
-            set_device(self.device_id)
-            memcpy(int(self._host.ctypes.data), self.addr, self.NBYTES)
-        words = tuple(int(x) for x in self._host[: self.WORDS])
-        n = int(self._host[3])
-        if n > self.MAX_VERSION:
-            return words, None
-        return words, self._host.view(np.uint8)[32 : 32 + n].tobytes().decode(errors="replace")
-
-    def close(self) -> None:
-        if self._cuda is not None:
-            self._cuda.close()
-            self._cuda = None

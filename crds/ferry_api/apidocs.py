@@ -23,8 +23,14 @@ def _rows(node: dict[str, Any], path: str, required: bool) -> list[str]:
         notes.append("one of " + ", ".join(f"`{v}`" for v in node["enum"]))
     if "default" in node and node["default"] != {}:
         notes.append(f"default `{node['default']}`")
-    for key, word in (("minimum", "min"), ("maximum", "max"), ("minLength", "min length"),
-                      ("maxLength", "max length"), ("minItems", "min items"), ("maxItems", "max items")):
+    for key, word in (
+        ("minimum", "min"),
+        ("maximum", "max"),
+        ("minLength", "min length"),
+        ("maxLength", "max length"),
+        ("minItems", "min items"),
+        ("maxItems", "max items"),
+    ):
         if key in node:
             notes.append(f"{word} {node[key]}")
     if "pattern" in node:
@@ -63,20 +69,92 @@ def render() -> str:
         version = c["spec"]["versions"][0]
         root = version["schema"]["openAPIV3Schema"]
         names = c["spec"]["names"]
-        out += [f"## {model.KIND}", "", root["description"], "",
-                f"Short names: {', '.join(f'`{s}`' for s in names['shortNames'])}; "
-                f"category `{names['categories'][0]}`. kubectl columns: "
-                + ", ".join(col["name"].upper() for col in version["additionalPrinterColumns"]) + ".",
-                ""]
+        out += [
+            f"## {model.KIND}",
+            "",
+            root["description"],
+            "",
+            f"Short names: {', '.join(f'`{s}`' for s in names['shortNames'])}; "
+            f"category `{names['categories'][0]}`. kubectl columns: "
+            + ", ".join(col["name"].upper() for col in version["additionalPrinterColumns"])
+            + ".",
+            "",
+        ]
         for part in ("spec", "status"):
-            out += [f"### {model.KIND} {part}", "",
-                    "| field | type | required | description | validation |",
-                    "| --- | --- | --- | --- | --- |"]
+            out += [
+                f"### {model.KIND} {part}",
+                "",
+                "| field | type | required | description | validation |",
+                "| --- | --- | --- | --- | --- |",
+            ]
             node = root["properties"][part]
             for name, child in node["properties"].items():
                 out += _rows(child, f"{part}.{name}", name in node.get("required", []))
             out.append("")
-    return "\n".join(out)
+    return "\n".join(out + _ranks_in_pods() + _lease_channel())
+
+
+def _ranks_in_pods() -> list[str]:
+    """How global ranks map to (pod, local rank): the model of ferry_api.ranks."""
+    return [
+        "## Ranks inside pods",
+        "",
+        "A pod may hold several tensor-parallel ranks, one per GPU, all served by its one agent "
+        "(`ferry agent run --devices 0,1`, one local rank per device). The WeightSource says how many "
+        "(`spec.layout.ranksPerPod` k, dividing `tensorParallelSize` S); a RefitJob says it for its targets "
+        "(`spec.targetRanksPerPod` L; unset: k for transform none, 1 for reshard). A pod's rank label "
+        "(`spec.layout.rankLabel`) holds its *pod rank* p in 0..S/k-1 (no label is needed when k = S), and "
+        "its local rank l holds **global rank p·k + l**. A target's local rank pulls from the source rank "
+        "of the same global rank wherever it lives (a source rank is addressed `pod/l`), or for reshard "
+        "builds its shard from one replica of every source rank.",
+        "",
+        "Status stays one entry per pod. A pod of several ranks reports `localRanks`, one `fingerprint` "
+        "and `digest` combined over its global ranks (`tp<n>:` + sha256 of the lines `<rank>=<value>`: "
+        "a pod holding every rank reports what S one-rank pods add up to), `tensors` and `bytes` summed, "
+        "`state` Ready only when every local rank is Ready on one version, and `ranks` listing only the "
+        "local ranks that differ (not Ready, another version, or `Failed` with a reason). A rank that "
+        "fails makes its pod `Failed` (not Ready; `Degraded` reason `RankFailed` names pod and rank); a "
+        "pod whose agent serves another number of ranks than k is `Mismatched` (`RanksPerPodMismatch`). "
+        "A RefitJob target entry stays one per pod; its `source` lists one group of addresses per local "
+        "rank, separated by `|` (`trainer-0/0|trainer-0/1`), and a failing rank is named in its message "
+        "(`local rank 1 (rank 1): ...`).",
+        "",
+    ]
+
+
+def _lease_channel() -> list[str]:
+    """The payloads on an agent's Lease (ferry_api.leases), from the same models."""
+    from .leases import Assignment, Report
+    from .schema import structural_schema
+
+    out = [
+        "## Lease channel",
+        "",
+        "Annotations on each agent's Lease `ferry-agent-<pod>` (labelled `ferry.dev/agent-lease`), "
+        "keyed by the RefitJob's uid; JSON of these models (`ferry_api.leases`). A Lease counts for "
+        "pod P only when it is named `ferry-agent-P` and held by P; a report counts only for the "
+        "attempt the operator assigned.",
+        "",
+    ]
+    for key, model, who in (
+        ("assign.ferry.dev/<uid>", Assignment, "the operator"),
+        ("report.ferry.dev/<uid>", Report, "the target's agent"),
+    ):
+        node = structural_schema(model)
+        out += [
+            f"### `{key}` ({model.__name__}, written by {who})",
+            "",
+            " ".join((model.__doc__ or "").split("\n\n")[0].split()),
+            "",
+            "| field | type | required | description | validation |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for name, child in node["properties"].items():
+            if name == "spec":
+                child = {k: v for k, v in child.items() if k != "properties"}
+            out += _rows(child, name, name in node.get("required", []))
+        out.append("")
+    return out
 
 
 def write(check: bool = False) -> bool:

@@ -15,8 +15,8 @@ SUBCOMMANDS: dict[str, str] = {
     "operator": "ferry_operator.cli",
     "agent": "ferry_agent.cli",
     "artifact": "ferry_agent.artifacts.cli",
-    "bench": "ferry_agent.bench.cli",
-    "dev": "ferry_operator.dev.cli",
+    "bench": "ferry_bench.cli",
+    "dev": "ferry_dev.cli",
     "crds": "ferry_api.generate",
 }
 

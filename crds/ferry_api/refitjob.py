@@ -24,8 +24,10 @@ GiB = 1 << 30
 StrategyType = Literal["direct", "tree", "chain"]
 TransformType = Literal["none", "fp8-block", "reshard"]
 PauseMode = Literal["engine", "doubleBuffer", "none"]
-JobPhase = Literal["Pending", "Running", "Succeeded", "Failed"]
-TargetPhase = Literal["Pending", "Assigned", "Pulling", "Done", "Failed"]
+JobPhase = Literal["Pending", "Running", "Succeeded", "Failed", "Following"]
+# spec.version of a continuous refit: the targets follow the source's newest version
+FOLLOW = "follow"
+TargetPhase = Literal["Pending", "Assigned", "Pulling", "Done", "Failed", "Left"]
 
 
 class Strategy(ApiModel):
@@ -89,7 +91,7 @@ class Transform(ApiModel):
 class Pause(ApiModel):
     mode: PauseMode = Field(
         default="engine",
-        description="engine: ask the engine to pause and wait for its acknowledgement; doubleBuffer: pull into a second slab set and swap; none: targets are not serving.",
+        description="engine: ask the engine to pause and wait for its acknowledgement (a pull that fails after writing leaves the target with no version until a pull succeeds); doubleBuffer: pull into a second slab set and swap (a failed pull leaves the old version served; recommended for serving pods, at one more copy of the weights per GPU); none: targets are not serving.",
     )
     timeout_seconds: int = Field(
         default=30,
@@ -119,6 +121,28 @@ class RefitJobSpec(ApiModel):
             holds=lambda s: s.transform.type != "reshard" or s.pause.mode != "doubleBuffer",
             field_path=".pause.mode",
         ),
+        Rule(
+            cel="!has(self.targetRanksPerPod) || self.transform.type != 'reshard' "
+            "|| !has(self.transform.targetTensorParallelSize) "
+            "|| self.transform.targetTensorParallelSize % self.targetRanksPerPod == 0",
+            message="spec.targetRanksPerPod must divide spec.transform.targetTensorParallelSize (each target pod "
+            "holds targetRanksPerPod consecutive ranks): set it to a divisor, or leave it unset for one rank per pod",
+            holds=lambda s: (
+                s.target_ranks_per_pod is None
+                or s.transform.type != "reshard"
+                or s.transform.target_tensor_parallel_size is None
+                or s.transform.target_tensor_parallel_size % s.target_ranks_per_pod == 0
+            ),
+            field_path=".targetRanksPerPod",
+        ),
+        Rule(
+            cel="self.version != 'follow' || self.transform.type != 'reshard'",
+            message="spec.version follow cannot use spec.transform.type reshard: a following target "
+            "pulls each new version from one source or upstream; use a one-shot RefitJob per "
+            "version for a reshard, or set transform.type: none",
+            holds=lambda s: s.version != FOLLOW or s.transform.type != "reshard",
+            field_path=".transform.type",
+        ),
     )
 
     source_ref: LocalObjectReference = Field(
@@ -130,12 +154,23 @@ class RefitJobSpec(ApiModel):
         min_length=1,
         max_length=128,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._:+-]*$",
-        description="Version to move; latest resolves at creation to the source's current version (status.version).",
+        description="Version to move; latest resolves at creation to the source's current version "
+        "(status.version); follow keeps the targets on the source's newest version, agent to agent, "
+        "until the job is deleted (continuous refit: phase Following, condition Synced).",
         json_schema_extra=k8s(immutable="spec.version is immutable; create a new RefitJob"),
     )
     targets: LabelSelector = Field(
         description="Pods (with the Ferry agent) that receive the weights.",
         json_schema_extra=k8s(immutable="spec.targets is immutable; create a new RefitJob"),
+    )
+    target_ranks_per_pod: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="Tensor-parallel ranks each target pod holds, one per GPU (its agent's local ranks: "
+        "--devices 0,1). Local rank l of the target with rank label p holds global rank p * targetRanksPerPod + l "
+        "and pulls from the source rank with the same global rank (or, for reshard, builds that rank's shard). "
+        "Unset: the WeightSource's spec.layout.ranksPerPod (transform none, fp8-block), 1 (reshard).",
     )
     strategy: Strategy = Field(
         default_factory=Strategy,
@@ -156,6 +191,10 @@ class RefitJobSpec(ApiModel):
         description="How target engines are quiesced.",
         json_schema_extra=k8s(default={}),
     )
+    verify: Literal["full", "sampled", "off"] | None = Field(
+        default=None,
+        description="How targets check the bytes they pulled against the source's content digests before serving them: full (every byte), sampled (an eighth of the pieces per pull, a different eighth each time), off. Unset: sampled. A mismatch fails the attempt with DigestMismatch and retries on another source.",
+    )
     timeout_seconds: int = Field(
         default=600,
         ge=1,
@@ -163,7 +202,10 @@ class RefitJobSpec(ApiModel):
         description="Deadline for the whole job from its start; beyond it the job fails with DeadlineExceeded.",
     )
     backoff_limit: int = Field(
-        default=3, ge=0, le=20, description="Retries per target, each on another source when one exists."
+        default=3,
+        ge=0,
+        le=20,
+        description="Retries per target, each on another source when one exists.",
     )
     ttl_seconds_after_finished: int | None = Field(
         default=None,
@@ -179,31 +221,68 @@ class TargetStatus(ApiModel):
     current attempt goes."""
 
     pod: str = Field(description="Target pod name.", min_length=1, max_length=253)
-    source: str | None = Field(default=None, description="Pod (or pods, comma-separated) it pulls from.", max_length=1024)
-    attempts: int | None = Field(default=None, ge=0, description="Attempts assigned so far (operator).")
+    source: str | None = Field(
+        default=None,
+        description="Pod (or pods, comma-separated) it pulls from; with ranks inside pods, pod/localRank "
+        "addresses, one group per target local rank, groups separated by | (ferry_api.ranks).",
+        max_length=4096,
+    )
+    attempts: int | None = Field(
+        default=None, ge=0, description="Attempts assigned so far (operator)."
+    )
     phase: TargetPhase | None = Field(
-        default=None, description="Of the current attempt: Pulling, Done or Failed; unset: assigned, not started."
+        default=None,
+        description="Of the current attempt: Pulling, Done or Failed; unset: assigned, not started. "
+        "Left: the pod is gone or no longer selected, and the job completes without it (reason PodGone or PodDeleted).",
     )
     bytes: int | None = Field(default=None, ge=0, description="Bytes pulled so far.")
     reason: str | None = Field(
-        default=None, description="CamelCase reason of the last failure (kept while a retry is assigned).", max_length=128
+        default=None,
+        description="CamelCase reason of the last failure (kept while a retry is assigned).",
+        max_length=128,
     )
-    message: str | None = Field(default=None, description="Detail of the last failure.", max_length=1024)
-    seconds: float | None = Field(default=None, ge=0, description="Duration of the successful pull.")
+    message: str | None = Field(
+        default=None, description="Detail of the last failure.", max_length=1024
+    )
+    seconds: float | None = Field(
+        default=None, ge=0, allow_inf_nan=False, description="Duration of the successful pull."
+    )
+    endpoint: str | None = Field(
+        default=None,
+        max_length=300,
+        description="host:port the target serves from once it reported (a downstream's assignment carries it).",
+    )
+    version: str | None = Field(
+        default=None,
+        description="version: follow: the version the target serves (reported).",
+        max_length=128,
+    )
+    last_refit_time: datetime | None = Field(
+        default=None,
+        description="version: follow: when the target last served a new version (reported).",
+    )
 
 
 class RefitJobStatus(ApiModel):
     conditions: list[Condition] | None = conditions_field()
     observed_generation: int | None = observed_generation_field()
-    phase: JobPhase | None = Field(default=None, description="Pending, Running, Succeeded or Failed.")
-    version: str | None = Field(default=None, description="The resolved version being moved.")
+    phase: JobPhase | None = Field(
+        default=None,
+        description="Pending, Running, Succeeded or Failed; Following for version: follow.",
+    )
+    version: str | None = Field(
+        default=None,
+        description="The resolved version being moved (follow: the source's newest version).",
+    )
     fingerprint: str | None = Field(default=None, description="Layout fingerprint of the source.")
     start_time: datetime | None = Field(default=None, description="When the job started.")
     completion_time: datetime | None = Field(default=None, description="When the job finished.")
     bytes_total: int | None = Field(default=None, ge=0, description="Bytes to move, all targets.")
     bytes_done: int | None = Field(default=None, ge=0, description="Bytes moved, all targets.")
     throughput: str | None = Field(default=None, description="Aggregate throughput, e.g. 12.3GB/s.")
-    targets_summary: str | None = Field(default=None, description="done/total targets, for kubectl.")
+    targets_summary: str | None = Field(
+        default=None, description="done/total targets, for kubectl."
+    )
     targets: list[TargetStatus] | None = Field(
         default=None,
         description="Compact per-target entries, keyed by pod.",

@@ -57,7 +57,10 @@ def structural_schema(model: type[BaseModel], *, strict_integers: bool = False) 
 
 def _guard_integers(node: dict[str, Any]) -> None:
     if node.get("type") == "integer":
-        node["x-kubernetes-validations"] = [dict(INTEGER_RULE), *node.get("x-kubernetes-validations", [])]
+        node["x-kubernetes-validations"] = [
+            dict(INTEGER_RULE),
+            *node.get("x-kubernetes-validations", []),
+        ]
     for child in (node.get("properties") or {}).values():
         _guard_integers(child)
     for key in ("items", "additionalProperties"):

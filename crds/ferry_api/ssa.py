@@ -22,15 +22,29 @@ def agent_manager(pod: str) -> str:
     return f"ferry-agent/{pod}"[:128]
 
 
-def apply_status(api: Any, model: Any, namespace: str, name: str, status: dict[str, Any],
-                 manager: str) -> dict:
+def apply_status(
+    api: Any, model: Any, namespace: str, name: str, status: dict[str, Any], manager: str
+) -> dict:
     """Apply `status` (the fields `manager` owns) to `model`'s object `namespace/name`."""
     from kubernetes import client
 
-    body = {"apiVersion": API_VERSION, "kind": model.KIND,
-            "metadata": {"name": name, "namespace": namespace}, "status": status}
-    return cast(dict, client.CustomObjectsApi(api).patch_namespaced_custom_object_status(
-        GROUP, VERSION, namespace, model.PLURAL, name, body,
-        field_manager=manager, force=True, _content_type=APPLY))
-
-
+    body = {
+        "apiVersion": API_VERSION,
+        "kind": model.KIND,
+        "metadata": {"name": name, "namespace": namespace},
+        "status": status,
+    }
+    return cast(
+        dict,
+        client.CustomObjectsApi(api).patch_namespaced_custom_object_status(
+            GROUP,
+            VERSION,
+            namespace,
+            model.PLURAL,
+            name,
+            body,
+            field_manager=manager,
+            force=True,
+            _content_type=APPLY,
+        ),
+    )

@@ -6,7 +6,7 @@
 fanout.png: predicted refit time vs number of target GPUs per strategy, from the
 newest `fanout-model-*.json` (`ferry bench fanout --out ...`), one panel per weight
 set size; and the small-N check, measured vs predicted, from the newest
-`fanout-check-*.json` (`python -m ferry_agent.bench.fanout_check`).
+`fanout-check-*.json` (`python -m ferry_bench.fanout_check`).
 
 Like plot.py, the PNG carries the sha256 of its inputs (the two JSON files and this
 script) in a PNG text chunk, so a test tells a stale plot without comparing pixels.

@@ -30,7 +30,7 @@ FERRY, BASELINE = "#1f77b4", "#9e9e9e"
 
 
 def kind(doc: dict[str, Any]) -> str | None:
-    """transfer (ferry bench transfer) or artifacts (ferry_agent.artifacts.bench); None otherwise."""
+    """transfer (ferry bench transfer) or artifacts (ferry_bench.artifacts); None otherwise."""
     name = doc.get("bench") or doc.get("benchmark")
     return name if name in ("transfer", "artifacts") else None
 

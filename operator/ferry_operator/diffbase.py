@@ -15,7 +15,9 @@ class SlimDiffBase(kopf.AnnotationsDiffBaseStorage):
     several hundred kB with its managedFields, and its agents write it thousands of
     times per job, so that copy dominated the operator's CPU."""
 
-    def build(self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None) -> kopf.BodyEssence:
+    def build(
+        self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None
+    ) -> kopf.BodyEssence:
         meta = body.get("metadata") or {}
         slim = {k: v for k, v in body.items() if k != "status"}
         slim["metadata"] = {k: v for k, v in meta.items() if k != "managedFields"}

@@ -21,7 +21,7 @@ from aiohttp import web
 from kubernetes import client
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ferry_api import ssa
+from ferry_api import ssa, times
 
 from . import kube, metrics
 
@@ -37,8 +37,16 @@ class WatchHealth:
     grace: float = 5.0
     started: float = field(default_factory=time.monotonic)
     last_seen: float | None = None
-    ready: bool = False
+    ready: bool = False  # started up
+    # What readiness still waits for after start-up, e.g. the webhook's caBundle in the
+    # chart's configuration (ca-bundle mode): ready before it, a pod created at once
+    # after `helm install --wait` gets no sidecar (the apiserver cannot call us yet).
+    pending: set[str] = field(default_factory=set)
     standby: bool = False  # kopf peering paused us in favour of a higher-priority peer
+
+    def not_ready(self) -> list[str]:
+        """Why /readyz is 503 (empty when ready)."""
+        return sorted(self.pending) if self.ready else ["starting"]
 
     def seen(self) -> None:
         self.last_seen = time.monotonic()
@@ -60,7 +68,9 @@ class WatchHealth:
         age = now - reference
         metrics.WATCH_CANARY_AGE.set(age)
         if age > limit:
-            out.append(f"canary lease not seen through the watch for {age:.0f}s (limit {limit:.0f}s)")
+            out.append(
+                f"canary lease not seen through the watch for {age:.0f}s (limit {limit:.0f}s)"
+            )
         return out
 
 
@@ -76,15 +86,19 @@ async def serve(health: WatchHealth, port: int) -> web.AppRunner:
         return web.Response(text="ok\n")
 
     async def readyz(_: web.Request) -> web.Response:
-        return web.Response(text="ok\n") if health.ready else web.Response(status=503, text="starting\n")
+        waiting = health.not_ready()
+        if waiting:
+            return web.Response(status=503, text="\n".join(waiting) + "\n")
+        return web.Response(text="ok\n")
 
     async def metrics_(_: web.Request) -> web.Response:
         health.problems(_live_task_names())  # refresh the canary gauge
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
-    app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz),
-                    web.get("/metrics", metrics_)])
+    app.add_routes(
+        [web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics_)]
+    )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "0.0.0.0", port).start()
@@ -107,11 +121,15 @@ def renew_canary(name: str, namespace: str) -> None:
         "apiVersion": "coordination.k8s.io/v1",
         "kind": "Lease",
         "metadata": {"name": name, "namespace": namespace, "labels": {CANARY_LABEL: CANARY_VALUE}},
-        "spec": {"holderIdentity": name, "renewTime": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-                 "leaseDurationSeconds": 60},
+        "spec": {
+            "holderIdentity": name,
+            "renewTime": times.stamp(now, micro=True),
+            "leaseDurationSeconds": 60,
+        },
     }
-    coord.patch_namespaced_lease(name, namespace, body, field_manager="ferry-operator",
-                                 force=True, _content_type=ssa.APPLY)
+    coord.patch_namespaced_lease(
+        name, namespace, body, field_manager="ferry-operator", force=True, _content_type=ssa.APPLY
+    )
 
 
 async def keep_canary(health: WatchHealth, stopped: asyncio.Event) -> None:
@@ -129,7 +147,9 @@ async def keep_canary(health: WatchHealth, stopped: asyncio.Event) -> None:
 
 def delete_canary() -> None:
     try:
-        client.CoordinationV1Api(kube.api()).delete_namespaced_lease(canary_name(), canary_namespace())
+        client.CoordinationV1Api(kube.api()).delete_namespaced_lease(
+            canary_name(), canary_namespace()
+        )
     except Exception as exc:
         log.info("canary lease not deleted: %s", exc)
 
@@ -139,21 +159,25 @@ def outranked(peers: dict[str, dict], priority: int, now: dt.datetime) -> bool:
     for info in peers.values():
         if not isinstance(info, dict) or "priority" not in info:
             continue
-        seen = dt.datetime.fromisoformat(str(info.get("lastseen", "")).replace("Z", "+00:00")) \
-            if info.get("lastseen") else None
-        alive = seen is not None and seen + dt.timedelta(seconds=int(info.get("lifetime", 60))) > now
+        seen = times.parse(info.get("lastseen"))
+        alive = (
+            seen is not None and seen + dt.timedelta(seconds=int(info.get("lifetime", 60))) > now
+        )
         if alive and int(info["priority"]) > priority:
             return True
     return False
 
 
-async def watch_peering(health: WatchHealth, name: str, priority: int, stopped: asyncio.Event) -> None:
+async def watch_peering(
+    health: WatchHealth, name: str, priority: int, stopped: asyncio.Event
+) -> None:
     """Keep `health.standby` true while a live peer outranks this operator."""
     api = client.CustomObjectsApi(kube.api())
     while not stopped.is_set():
         try:
-            obj = await asyncio.to_thread(api.get_cluster_custom_object, "kopf.dev", "v1",
-                                          "clusterkopfpeerings", name)
+            obj = await asyncio.to_thread(
+                api.get_cluster_custom_object, "kopf.dev", "v1", "clusterkopfpeerings", name
+            )
             health.standby = outranked(obj.get("status") or {}, priority, dt.datetime.now(dt.UTC))
         except Exception as exc:
             log.debug("peering status unavailable: %s", exc)

@@ -44,6 +44,7 @@ def reconcile_timer(kind: str) -> Iterator[dict[str, str]]:
         RECONCILE_SECONDS.labels(kind).observe(time.perf_counter() - start)
         RECONCILES.labels(kind, outcome["result"]).inc()
 
+
 REFITJOBS = Gauge(
     "ferry_operator_refitjobs",
     "RefitJobs known to this operator, by phase.",

@@ -30,14 +30,18 @@ def _key_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
     )
 
 
-def _validity(builder: x509.CertificateBuilder, days: int) -> x509.CertificateBuilder:
-    now = dt.datetime.now(dt.UTC)
+def _validity(
+    builder: x509.CertificateBuilder, days: int, now: dt.datetime | None = None
+) -> x509.CertificateBuilder:
+    now = now or dt.datetime.now(dt.UTC)
     return builder.not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(
         now + dt.timedelta(days=days)
     )
 
 
-def make_ca(common_name: str = "ferry-ca", days: int = 3650) -> KeyPair:
+def make_ca(
+    common_name: str = "ferry-ca", days: int = 3650, now: dt.datetime | None = None
+) -> KeyPair:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     builder = (
@@ -49,19 +53,32 @@ def make_ca(common_name: str = "ferry-ca", days: int = 3650) -> KeyPair:
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True,
-                content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=False, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
     )
-    cert = _validity(builder, days).sign(key, hashes.SHA256())
+    cert = _validity(builder, days, now).sign(key, hashes.SHA256())
     return KeyPair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 
 
-def issue(ca: KeyPair, common_name: str, hosts: list[str], days: int = 365, client: bool = False,
-          organization: str | None = None) -> KeyPair:
+def issue(
+    ca: KeyPair,
+    common_name: str,
+    hosts: list[str],
+    days: int = 365,
+    client: bool = False,
+    organization: str | None = None,
+    now: dt.datetime | None = None,
+) -> KeyPair:
     """A leaf certificate signed by `ca` for DNS names and IP addresses in `hosts`."""
     ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
     ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
@@ -87,7 +104,7 @@ def issue(ca: KeyPair, common_name: str, hosts: list[str], days: int = 365, clie
     )
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    cert = _validity(builder, days).sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    cert = _validity(builder, days, now).sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     return KeyPair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 
 

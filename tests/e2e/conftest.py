@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ferry_operator.dev.cluster import DevCluster
+from ferry_dev.cluster import DevCluster
 
 
 @pytest.fixture()

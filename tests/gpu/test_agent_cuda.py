@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from ferry_agent.request import PullRequest
+
 torch = pytest.importorskip("torch")
 
 pytestmark = [
@@ -43,14 +45,18 @@ def test_cuda_slab_is_plain_cudamalloc_shared_over_ipc():
         slab.close()
 
 
-@pytest.mark.parametrize("header_memory", ["host", "slab"])
-def test_vram_pull_between_agent_processes_bytes_equal(tmp_path, header_memory):
+@pytest.mark.parametrize(
+    ("header_memory", "same_gpu"), [("host", "nixl"), ("slab", "nixl"), ("host", "ipc")]
+)
+def test_vram_pull_between_agent_processes_bytes_equal(tmp_path, header_memory, same_gpu):
     """Cold pull, then a warm refit of a new version (the one-sided header fence sees
-    the new epoch with no RPC), with version headers in host memory or in VRAM."""
+    the new epoch with no RPC), with version headers in host memory or in VRAM. On one
+    GPU both agents share it: `--same-gpu ipc` copies through CUDA IPC, `nixl` READs
+    over NIXL (what two GPUs always do)."""
     from ferry_agent.client import EngineClient
     from ferry_agent.layout import TensorSpec
     from ferry_agent.peer import AgentClient
-    from ferry_agent.procs import spawn_agent
+    from ferry_dev.procs import spawn_agent
 
     token = tmp_path / "token"
     token.write_text(secrets.token_hex(16))
@@ -64,6 +70,8 @@ def test_vram_pull_between_agent_processes_bytes_equal(tmp_path, header_memory):
         "64Mi",
         "--header-memory",
         header_memory,
+        "--same-gpu",
+        same_gpu,
         "--log-level",
         "WARNING",
     ]
@@ -97,12 +105,16 @@ def test_vram_pull_between_agent_processes_bytes_equal(tmp_path, header_memory):
         fill()
         se.publish("g1")
         with AgentClient(dst.endpoint, token.read_text()) as rpc:
-            r1 = rpc.pull([src.endpoint], timeout_s=120)
+            r1 = rpc.pull(PullRequest([src.endpoint], timeout_s=120))
             with se.writing("g2"):
                 fill()
-            r2 = rpc.pull([src.endpoint], timeout_s=120)
+            r2 = rpc.pull(PullRequest([src.endpoint], timeout_s=120))
         assert (r1.version, r2.version) == ("g1", "g2")
-        assert r2.dlists_reused == 1 and r2.registrations == 0
+        ipc = same_gpu == "ipc" and last == 0
+        want = "cuda-ipc" if ipc else "nixl"
+        assert (r1.transport, r2.transport) == (want, want)
+        if not ipc:
+            assert r2.dlists_reused == 1 and r2.registrations == 0
         torch.cuda.synchronize()
         for name, t in sv.items():
             assert torch.equal(t.view(torch.uint8), dv[name].view(torch.uint8).to(t.device)), name
@@ -124,7 +136,7 @@ def test_bench_transfer_cuda_verifies(tmp_path):
         [
             sys.executable,
             "-m",
-            "ferry_agent.bench.cli",
+            "ferry_bench.cli",
             "transfer",
             "--memory",
             "cuda",

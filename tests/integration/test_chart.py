@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
+from ferry_dev.controlplane import REPO_ROOT
 from ferry_operator import rbac
-from ferry_operator.dev.controlplane import REPO_ROOT
 from tests.conftest import kubectl
 
 CHART = REPO_ROOT / "charts" / "ferry"
@@ -34,9 +34,12 @@ def helm() -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def render(helm: str, *args: str, namespace: str = "ferry-system") -> list[dict[str, Any]]:
+def render(
+    helm: str, *args: str, namespace: str = "ferry-system", release: str = "ferry"
+) -> list[dict[str, Any]]:
+    """`helm template` of the chart with `args` (--set ...), as parsed documents."""
     done = subprocess.run(
-        [helm, "template", "ferry", str(CHART), "-n", namespace, *args],
+        [helm, "template", release, str(CHART), "-n", namespace, *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -87,6 +90,10 @@ def test_rendered_chart_passes_server_side_dry_run(
         f"agent.rbac.bindings[0].namespace={namespace}",
         "--set",
         "agent.rbac.bindings[0].serviceAccount=default",
+        # Cluster-scoped and shared by every test of this apiserver: a local operator's
+        # kopf-managed "ferry.dev" (clientConfig.url) would merge with the chart's service.
+        "--set",
+        f"webhook.configurationName=dry-run.{namespace}",
         namespace=namespace,
     )
     kinds = {d["kind"] for d in docs}
@@ -269,20 +276,189 @@ def _granted(role: dict) -> set[tuple]:
     return out
 
 
-@pytest.mark.parametrize("replicas,webhook", [(1, True), (2, True), (1, False)])
+SERVED = [
+    "--set",
+    "agent.rbac.bindings[0].namespace=llm",
+    "--set",
+    "agent.rbac.bindings[0].serviceAccount=default",
+    "--set",
+    "namespaced.namespaces[0]=team-a",
+    "--set",
+    "namespaced.namespaces[1]=llm",
+]
+
+
+@pytest.mark.parametrize(
+    "replicas,webhook,cert_manager,namespaced",
+    [
+        (1, True, False, False),
+        (2, True, False, False),
+        (1, False, False, False),
+        (2, True, True, False),
+        (1, True, False, True),
+        (1, True, True, True),
+    ],
+)
 def test_chart_rbac_is_exactly_the_permissions_table(
-    helm: str, replicas: int, webhook: bool
+    helm: str, replicas: int, webhook: bool, cert_manager: bool, namespaced: bool
 ) -> None:
-    docs = render(helm, "--set", f"replicaCount={replicas}", "--set", f"webhook.enabled={webhook}")
-    enabled = frozenset({"peering"} if replicas > 1 else set()) | (
-        {"webhook"} if webhook else set()
+    docs = render(
+        helm,
+        "--set",
+        f"replicaCount={replicas}",
+        "--set",
+        f"webhook.enabled={webhook}",
+        "--set",
+        f"webhook.certManager.enabled={cert_manager}",
+        "--set",
+        f"namespaced.enabled={namespaced}",
+        *SERVED,
     )
-    op = _granted(find(docs, "ClusterRole", "-operator"))
-    want = rbac.rules(rbac.OPERATOR, enabled)
+    enabled = (
+        frozenset({"peering"} if replicas > 1 else set())
+        | ({"webhook"} if webhook else set())
+        | ({"selfsigned"} if webhook and not cert_manager else set())
+        | ({"namespaced"} if namespaced else set())
+    )
+    roles = [
+        d
+        for d in docs
+        if d["kind"] == "ClusterRole" and d["metadata"]["name"].endswith("-operator")
+    ]
+    op = _granted(roles[0]) if roles else set()
+    want = rbac.rules(rbac.OPERATOR, enabled, where="cluster")
     assert op == want, f"extra: {sorted(op - want)}; missing: {sorted(want - op)}"
+    release = find(docs, "Role", "-operator")
+    assert release["metadata"]["namespace"] == "ferry-system"
+    got = _granted(release)
+    want = rbac.rules(rbac.OPERATOR, enabled, where="release")
+    assert got == want, f"Role extra: {sorted(got - want)}; missing: {sorted(want - got)}"
+    binding = find(docs, "RoleBinding", "-operator")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": release["metadata"]["name"],
+    }
+    served = {
+        d["metadata"]["namespace"]: _granted(d)
+        for d in docs
+        if d["kind"] == "Role" and d["metadata"]["name"].endswith("-operator-served")
+    }
+    assert set(served) == {"team-a", "llm"} | ({"ferry-system"} if namespaced else set())
+    want = rbac.rules(rbac.OPERATOR, enabled, where="served")
+    for ns, got in served.items():
+        assert got == want, f"{ns}: extra: {sorted(got - want)}; missing: {sorted(want - got)}"
+    # No Lease write anywhere but the release and the served namespaces.
+    assert not {r for r in op if r[1] == "leases" and r[2] in ("create", "patch", "delete")}
     agent = _granted(find(docs, "ClusterRole", "-agent"))
     want = rbac.rules(rbac.AGENT)
     assert agent == want, f"extra: {sorted(agent - want)}; missing: {sorted(want - agent)}"
+    certs = _granted(find(docs, "ClusterRole", "-agent-certs"))
+    want = rbac.rules(rbac.AGENT, frozenset({"cluster"})) - rbac.rules(rbac.AGENT)
+    assert certs == want, f"extra: {sorted(certs - want)}; missing: {sorted(want - certs)}"
+
+
+def test_namespaced_install_watches_only_the_served_namespaces(helm: str) -> None:
+    docs = render(helm, "--set", "namespaced.enabled=true", *SERVED)
+    args = operator_container(docs)["args"]
+    assert "--all-namespaces" not in args
+    assert [a for a in args if a.startswith("--namespace=")] == [
+        "--namespace=team-a",
+        "--namespace=llm",
+        "--namespace=ferry-system",
+    ]
+    hook = find(docs, "MutatingWebhookConfiguration")["webhooks"][0]
+    assert hook["namespaceSelector"]["matchExpressions"][0]["values"] == [
+        "team-a",
+        "llm",
+        "ferry-system",
+    ]
+    vapb = find(docs, "ValidatingAdmissionPolicyBinding")
+    assert vapb["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"][0]["values"] == [
+        "team-a",
+        "llm",
+    ]
+    done = subprocess.run(
+        [
+            helm,
+            "template",
+            "ferry",
+            str(CHART),
+            "--set",
+            "namespaced.enabled=true",
+            "--set",
+            "replicaCount=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0 and "replicaCount: 1" in done.stderr
+
+
+def test_admission_policy_is_what_ferry_operator_admission_builds(helm: str) -> None:
+    from ferry_operator import admission
+
+    docs = render(helm, "--set", "serviceAccount.name=op")
+    got = [find(docs, "ValidatingAdmissionPolicy"), find(docs, "ValidatingAdmissionPolicyBinding")]
+    assert got == admission.manifests("system:serviceaccount:ferry-system:op")
+    docs = render(
+        helm, "--set", "namespaced.enabled=true", "--set", "namespaced.namespaces[0]=team-a"
+    )
+    assert find(docs, "ValidatingAdmissionPolicyBinding") == admission.binding(["team-a"])
+    assert not [
+        d
+        for d in render(helm, "--set", "admissionPolicy.enabled=false")
+        if d["kind"].startswith("ValidatingAdmissionPolicy")
+    ]
+
+
+KOPF_WEBHOOKS = """
+import json, kopf, ferry_operator.main
+from kopf._core.engines.admission import build_webhooks
+from kopf._cogs.structs.references import Resource
+r = kopf.get_default_registry()
+print(json.dumps(build_webhooks(r._webhooks.get_all_handlers(),
+    resources=[Resource('', 'v1', 'pods')], name_suffix='ferry.dev',
+    client_config={'service': {'namespace': 'ferry-system', 'name': 'ferry-webhook', 'port': 9443}})))
+"""
+
+
+def test_webhook_configuration_is_what_kopf_would_manage(helm: str) -> None:
+    """The chart renders the configuration kopf used to create at run time (the operator
+    no longer may): the same webhook, rules, selector and path, with the Service."""
+    import json
+    import os
+    import sys
+
+    env = {**os.environ, "FERRY_WEBHOOK_PORT": "9443", "FERRY_WEBHOOK_FAILURE_POLICY": "Fail"}
+    done = subprocess.run(
+        [sys.executable, "-c", KOPF_WEBHOOKS],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    kopf_hooks = json.loads(done.stdout.splitlines()[-1])
+    config = find(render(helm), "MutatingWebhookConfiguration")
+    assert config["metadata"]["name"] == "ferry.dev"
+    assert "caBundle" not in json.dumps(config), "the operator or cert-manager writes the CA"
+    assert config["webhooks"] == kopf_hooks
+    cm = find(
+        render(helm, "--set", "webhook.certManager.enabled=true"), "MutatingWebhookConfiguration"
+    )
+    assert (
+        cm["metadata"]["annotations"]["cert-manager.io/inject-ca-from"]
+        == "ferry-system/ferry-webhook"
+    )
+    args = operator_container(render(helm))["args"]
+    assert "--webhook-config=ca-bundle" in args
+    assert (
+        "--webhook-config=external"
+        in operator_container(render(helm, "--set", "webhook.certManager.enabled=true"))["args"]
+    )
 
 
 def test_user_roles_aggregate_into_view_and_edit(helm: str) -> None:
@@ -293,10 +469,18 @@ def test_user_roles_aggregate_into_view_and_edit(helm: str) -> None:
     edit = find(docs, "ClusterRole", "-edit")
     assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
     assert "rbac.authorization.k8s.io/aggregate-to-view" not in edit["metadata"]["labels"]
-    granted = {(r, v) for rule in view["rules"] + edit["rules"]
-               for r in rule["resources"] for v in rule["verbs"]}
+    granted = {
+        (r, v)
+        for rule in view["rules"] + edit["rules"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
     for kind in ("weightsources", "refitjobs", "artifactcaches"):
         assert {(kind, "get"), (kind, "watch"), (kind, "create"), (kind, "delete")} <= granted
         assert not any(r == f"{kind}/status" and v in ("patch", "update") for r, v in granted)
     off = render(helm, "--set", "rbac.aggregateToUserRoles=false")
-    assert not [d for d in off if d["kind"] == "ClusterRole" and d["metadata"]["name"].endswith(("-view", "-edit"))]
+    assert not [
+        d
+        for d in off
+        if d["kind"] == "ClusterRole" and d["metadata"]["name"].endswith(("-view", "-edit"))
+    ]

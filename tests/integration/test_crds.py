@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from ferry_operator.dev.controlplane import CRD_DIR
+from ferry_api.generate import CRD_DIR
 from tests.conftest import kubectl
 
 COLUMNS = {
@@ -50,8 +50,11 @@ def test_list_maps_for_concurrent_writers(kubeconfig: Path) -> None:
         cond = status["properties"]["conditions"]
         assert cond["x-kubernetes-list-type"] == "map"
         assert cond["x-kubernetes-list-map-keys"] == ["type"]
-        per_pod = [p for p in status["properties"].values()
-                   if p.get("x-kubernetes-list-map-keys") == ["pod"]]
+        per_pod = [
+            p
+            for p in status["properties"].values()
+            if p.get("x-kubernetes-list-map-keys") == ["pod"]
+        ]
         assert per_pod, f"{path.name} has no per-pod list-map"
         assert crd["spec"]["versions"][0]["subresources"] == {"status": {}}
         assert "ferry" in crd["spec"]["names"]["categories"]

@@ -40,7 +40,9 @@ KINDS: dict[str, tuple[str, type[BaseModel]]] = {
     "ArtifactCache": ("artifactcaches", ArtifactCacheSpec),
 }
 SCHEMAS = {
-    m.KIND: generate.crd(m)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    m.KIND: generate.crd(m)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"][
+        "spec"
+    ]
     for m in generate.KINDS
 }
 
@@ -48,7 +50,9 @@ SCHEMAS = {
 
 text = st.text(st.characters(exclude_categories=("Cs",)), max_size=20)
 label_name = st.from_regex(r"\A[a-z0-9]([-a-z0-9_.]{0,10}[a-z0-9])?\Z")
-label_key = st.one_of(label_name, st.builds(lambda p, n: f"{p}/{n}", st.just("ferry.dev"), label_name))
+label_key = st.one_of(
+    label_name, st.builds(lambda p, n: f"{p}/{n}", st.just("ferry.dev"), label_name)
+)
 dns = st.from_regex(r"\A[a-z0-9]([-a-z0-9]{0,10}[a-z0-9])?(\.[a-z0-9]{1,5})?\Z")
 
 
@@ -57,14 +61,25 @@ def optional(**fields: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, An
 
 
 requirement = st.one_of(
-    st.fixed_dictionaries({"key": label_key, "operator": st.sampled_from(["In", "NotIn"]),
-                           "values": st.lists(label_name, min_size=1, max_size=3)}),
-    st.fixed_dictionaries({"key": label_key, "operator": st.sampled_from(["Exists", "DoesNotExist"])}),
+    st.fixed_dictionaries(
+        {
+            "key": label_key,
+            "operator": st.sampled_from(["In", "NotIn"]),
+            "values": st.lists(label_name, min_size=1, max_size=3),
+        }
+    ),
+    st.fixed_dictionaries(
+        {"key": label_key, "operator": st.sampled_from(["Exists", "DoesNotExist"])}
+    ),
 )
 selector = st.one_of(
-    st.fixed_dictionaries({"matchLabels": st.dictionaries(label_key, label_name, min_size=1, max_size=3)}),
-    st.fixed_dictionaries({"matchExpressions": st.lists(requirement, min_size=1, max_size=3)},
-                          optional={"matchLabels": st.dictionaries(label_key, label_name, max_size=2)}),
+    st.fixed_dictionaries(
+        {"matchLabels": st.dictionaries(label_key, label_name, min_size=1, max_size=3)}
+    ),
+    st.fixed_dictionaries(
+        {"matchExpressions": st.lists(requirement, min_size=1, max_size=3)},
+        optional={"matchLabels": st.dictionaries(label_key, label_name, max_size=2)},
+    ),
 )
 
 
@@ -78,20 +93,34 @@ def heartbeat(draw: st.DrawFn) -> dict[str, Any]:
 
 
 ws_spec = st.fixed_dictionaries(
-    {"model": optional(revision=st.text(max_size=128)).map(lambda m: {"name": "llama", **m})
-     | st.fixed_dictionaries({"name": st.text(min_size=1, max_size=60)}),
-     "selector": selector},
+    {
+        "model": optional(revision=st.text(max_size=128)).map(lambda m: {"name": "llama", **m})
+        | st.fixed_dictionaries({"name": st.text(min_size=1, max_size=60)}),
+        "selector": selector,
+    },
     optional={
         "layout": optional(
             dtype=st.sampled_from(["bfloat16", "float16", "float32", "float8_e4m3fn", "int8"]),
-            tensorParallelSize=st.integers(1, 64), rankLabel=label_key,
-            quantization=st.sampled_from(["none", "fp8-block"])),
+            tensorParallelSize=st.integers(1, 64),
+            rankLabel=label_key,
+            ranksPerPod=st.integers(1, 8),
+            quantization=st.sampled_from(["none", "fp8-block"]),
+        ),
         "memory": st.sampled_from(["cuda", "host"]),
         "rails": st.one_of(
             optional(mode=st.sampled_from(["auto", "stripe", "off"])),
-            st.fixed_dictionaries({"mode": st.just("explicit"), "devices": st.dictionaries(
-                st.sampled_from("01234567"), st.lists(st.sampled_from(["mlx5_0:1", "mlx5_1:1"]), max_size=2),
-                min_size=1, max_size=3)})),
+            st.fixed_dictionaries(
+                {
+                    "mode": st.just("explicit"),
+                    "devices": st.dictionaries(
+                        st.sampled_from("01234567"),
+                        st.lists(st.sampled_from(["mlx5_0:1", "mlx5_1:1"]), max_size=2),
+                        min_size=1,
+                        max_size=3,
+                    ),
+                }
+            ),
+        ),
         "heartbeat": heartbeat(),
     },
 )
@@ -99,8 +128,13 @@ ws_spec = st.fixed_dictionaries(
 
 @st.composite
 def strategy(draw: st.DrawFn) -> dict[str, Any]:
-    out = draw(optional(type=st.sampled_from(["direct", "tree", "chain"]), maxFanOut=st.integers(1, 64),
-                        chunkBytes=st.integers(1 << 20, 4 << 30)))
+    out = draw(
+        optional(
+            type=st.sampled_from(["direct", "tree", "chain"]),
+            maxFanOut=st.integers(1, 64),
+            chunkBytes=st.integers(1 << 20, 4 << 30),
+        )
+    )
     if out.get("type", "direct") == "direct" and draw(st.booleans()):
         out["parallelSources"] = draw(st.integers(1, 16))
     return out
@@ -108,7 +142,9 @@ def strategy(draw: st.DrawFn) -> dict[str, Any]:
 
 transform = st.one_of(
     optional(type=st.sampled_from(["none", "fp8-block"]), blockSize=st.integers(16, 1024)),
-    st.fixed_dictionaries({"type": st.just("reshard"), "targetTensorParallelSize": st.integers(1, 64)}),
+    st.fixed_dictionaries(
+        {"type": st.just("reshard"), "targetTensorParallelSize": st.integers(1, 64)}
+    ),
 )
 rj_spec = st.fixed_dictionaries(
     {"sourceRef": st.fixed_dictionaries({"name": dns}), "targets": selector},
@@ -116,32 +152,72 @@ rj_spec = st.fixed_dictionaries(
         "version": st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._:+-]{0,12}\Z"),
         "strategy": strategy(),
         "transform": transform,
-        "pause": optional(mode=st.sampled_from(["engine", "doubleBuffer", "none"]),
-                          timeoutSeconds=st.integers(1, 600)),
+        "pause": optional(
+            mode=st.sampled_from(["engine", "doubleBuffer", "none"]),
+            timeoutSeconds=st.integers(1, 600),
+        ),
         "timeoutSeconds": st.integers(1, 86400),
         "backoffLimit": st.integers(0, 20),
         "ttlSecondsAfterFinished": st.integers(0, 30 * 86400),
+        "targetRanksPerPod": st.integers(1, 8),
     },
 )
 
 IDENTITY = {
-    "model": "llama", "framework": "vllm", "frameworkVersion": "0.11", "torch": "2.9.0", "cuda": "13.0",
-    "triton": "3.5.0", "gpuArch": "sm_90", "compileConfigDigest": "sha256:" + "ab" * 32,
+    "model": "llama",
+    "framework": "vllm",
+    "frameworkVersion": "0.11",
+    "torch": "2.9.0",
+    "cuda": "13.0",
+    "triton": "3.5.0",
+    "gpuArch": "sm_90",
+    "compileConfigDigest": "sha256:" + "ab" * 32,
 }
 
 
 @st.composite
 def ac_spec(draw: st.DrawFn) -> dict[str, Any]:
-    kinds = draw(st.lists(st.sampled_from(["torch-compile", "triton", "deepgemm"]), min_size=1, max_size=3,
-                          unique=True))
-    need = {"torch-compile": list(IDENTITY), "triton": ["triton", "cuda", "gpuArch"],
-            "deepgemm": ["cuda", "gpuArch"]}
-    fields = {f for k in kinds for f in need[k]} | set(draw(st.lists(st.sampled_from(list(IDENTITY)))))
-    spec = {"identity": {f: IDENTITY[f] for f in sorted(fields)}, "kinds": kinds,
-            "sources": draw(selector), "targets": draw(selector)}
-    spec.update(draw(optional(
-        trust=st.fixed_dictionaries({"secretRef": dns}, optional={"key": dns, "required": st.booleans()}),
-        maxBytes=st.integers(1 << 20, 1 << 40), installTimeoutSeconds=st.integers(5, 3600))))
+    kinds = draw(
+        st.lists(
+            st.sampled_from(["torch-compile", "triton", "deepgemm"]),
+            min_size=1,
+            max_size=3,
+            unique=True,
+        )
+    )
+    need = {
+        "torch-compile": list(IDENTITY),
+        "triton": ["triton", "cuda", "gpuArch"],
+        "deepgemm": ["cuda", "gpuArch"],
+    }
+    fields = {f for k in kinds for f in need[k]} | set(
+        draw(st.lists(st.sampled_from(list(IDENTITY))))
+    )
+    spec = {
+        "identity": {f: IDENTITY[f] for f in sorted(fields)},
+        "kinds": kinds,
+        "sources": draw(selector),
+        "targets": draw(selector),
+    }
+    spec.update(
+        draw(
+            optional(
+                trust=st.one_of(
+                    st.fixed_dictionaries(
+                        {"secretRef": dns},
+                        optional={
+                            "key": dns,
+                            "required": st.booleans(),
+                            "allowUnsigned": st.booleans(),
+                        },
+                    ),
+                    st.just({"allowUnsigned": True}),
+                ),
+                maxBytes=st.integers(1 << 20, 1 << 40),
+                installTimeoutSeconds=st.integers(5, 3600),
+            )
+        )
+    )
     return spec
 
 
@@ -152,7 +228,9 @@ VALID = {"WeightSource": ws_spec, "RefitJob": rj_spec, "ArtifactCache": ac_spec(
 DELETE = object()
 
 
-def schema_paths(node: dict[str, Any], path: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+def schema_paths(
+    node: dict[str, Any], path: tuple[Any, ...] = ()
+) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
     """Every field of the spec schema: object keys, list item 0, and a map value under key "0"."""
     out = [(path, node)] if path else []
     for name, child in (node.get("properties") or {}).items():
@@ -166,8 +244,28 @@ def schema_paths(node: dict[str, Any], path: tuple[Any, ...] = ()) -> list[tuple
 
 def bad_values(node: dict[str, Any]) -> st.SearchStrategy[Any]:
     """Values at and beyond the edges of a schema node, valid ones among them, and wrong types."""
-    picks: list[Any] = [None, DELETE, True, 0, -1, 1.5, 2.0, "", "x", [], {}, ["x"], {"x": "y"},
-                        "64Mi", "1Gi", "30s", "1e3", "0x10", 2**63, -(2**63) - 1]
+    picks: list[Any] = [
+        None,
+        DELETE,
+        True,
+        0,
+        -1,
+        1.5,
+        2.0,
+        "",
+        "x",
+        [],
+        {},
+        ["x"],
+        {"x": "y"},
+        "64Mi",
+        "1Gi",
+        "30s",
+        "1e3",
+        "0x10",
+        2**63,
+        -(2**63) - 1,
+    ]
     kind = node.get("type")
     if kind == "integer":
         lo, hi = node.get("minimum", -(2**63)), node.get("maximum", 2**63 - 1)
@@ -188,7 +286,12 @@ def bad_values(node: dict[str, Any]) -> st.SearchStrategy[Any]:
         picks += [item[:1] * 2, [None], [1]]
     if kind == "object":
         picks += [{"unknownField": 1}]
-    return st.one_of(st.sampled_from(picks), text, st.integers(), st.floats(allow_nan=False, allow_infinity=False))
+    return st.one_of(
+        st.sampled_from(picks),
+        text,
+        st.integers(),
+        st.floats(allow_nan=False, allow_infinity=False),
+    )
 
 
 def set_path(spec: dict[str, Any], path: tuple[Any, ...], value: Any) -> dict[str, Any]:
@@ -237,6 +340,7 @@ def mutated(draw: st.DrawFn, kind: str) -> dict[str, Any]:
 
 # ------------------------------------------------------------------- oracle
 
+
 def oracle(kind: str, spec: Any, old: Any = None) -> list[str]:
     """The fields the model refuses (empty: accepted), as the apiserver spells them."""
     model = KINDS[kind][1]
@@ -277,32 +381,59 @@ def immutable_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> lis
 
 def get(obj: Any, path: tuple[str, ...]) -> Any:
     for alias in path:
-        obj = next(getattr(obj, n) for n, f in type(obj).model_fields.items() if (f.alias or n) == alias)
+        obj = next(
+            getattr(obj, n) for n, f in type(obj).model_fields.items() if (f.alias or n) == alias
+        )
     return obj
 
 
 # ------------------------------------------------------------------ apiserver
+
 
 class Api:
     def __init__(self, api_client: k8s_client.ApiClient, namespace: str):
         self.co = k8s_client.CustomObjectsApi(api_client)
         self.ns = namespace
 
-    def create(self, kind: str, spec: Any, *, name: str | None = None, dry_run: bool = True) -> str | None:
+    def create(
+        self, kind: str, spec: Any, *, name: str | None = None, dry_run: bool = True
+    ) -> str | None:
         """None when accepted, else the apiserver's message."""
-        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": kind,
-                "metadata": {"name": name or f"f-{uuid.uuid4().hex[:8]}"}, "spec": spec}
-        return self._call(lambda: self.co.create_namespaced_custom_object(
-            GROUP, VERSION, self.ns, KINDS[kind][0], body, dry_run="All" if dry_run else None,
-            field_validation="Strict"))
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": kind,
+            "metadata": {"name": name or f"f-{uuid.uuid4().hex[:8]}"},
+            "spec": spec,
+        }
+        return self._call(
+            lambda: self.co.create_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                self.ns,
+                KINDS[kind][0],
+                body,
+                dry_run="All" if dry_run else None,
+                field_validation="Strict",
+            )
+        )
 
     def update(self, kind: str, name: str, spec: Any) -> str | None:
         plural = KINDS[kind][0]
         for _ in range(5):
             obj = self.co.get_namespaced_custom_object(GROUP, VERSION, self.ns, plural, name)
             obj["spec"] = spec
-            msg = self._call(lambda obj=obj: self.co.replace_namespaced_custom_object(
-                GROUP, VERSION, self.ns, plural, name, obj, dry_run="All", field_validation="Strict"))
+            msg = self._call(
+                lambda obj=obj: self.co.replace_namespaced_custom_object(
+                    GROUP,
+                    VERSION,
+                    self.ns,
+                    plural,
+                    name,
+                    obj,
+                    dry_run="All",
+                    field_validation="Strict",
+                )
+            )
             if msg is None or not msg.startswith("409"):
                 return msg
         raise AssertionError(f"update of {kind}/{name} kept conflicting")
@@ -331,19 +462,28 @@ def api(api_client: k8s_client.ApiClient, namespace: str, operator: Any) -> Api:
 def check(kind: str, spec: Any, refused_by_model: list[str], refused_by_server: str | None) -> None:
     shown = json.dumps(spec, default=repr)[:2000]
     if not refused_by_model:
-        assert refused_by_server is None, f"{kind} valid for the model, refused: {refused_by_server}\n{shown}"
+        assert refused_by_server is None, (
+            f"{kind} valid for the model, refused: {refused_by_server}\n{shown}"
+        )
         return
-    assert refused_by_server is not None, f"{kind} accepted, model refuses {refused_by_model}\n{shown}"
+    assert refused_by_server is not None, (
+        f"{kind} accepted, model refuses {refused_by_model}\n{shown}"
+    )
     assert any(path in refused_by_server for path in refused_by_model), (
-        f"{kind}: message names none of {refused_by_model}: {refused_by_server}\n{shown}")
+        f"{kind}: message names none of {refused_by_model}: {refused_by_server}\n{shown}"
+    )
 
 
 # -------------------------------------------------------------------- tests
 
 WS_BASE = {"model": {"name": "llama"}, "selector": {"matchLabels": {"app": "trainer"}}}
 RJ_BASE = {"sourceRef": {"name": "ws"}, "targets": {"matchLabels": {"app": "inference"}}}
-AC_BASE = {"kinds": ["triton"], "identity": {"triton": "3.5.0", "cuda": "13.0", "gpuArch": "sm_90"},
-           "sources": {"matchLabels": {"warm": "true"}}, "targets": {"matchLabels": {"app": "inference"}}}
+AC_BASE = {
+    "kinds": ["triton"],
+    "identity": {"triton": "3.5.0", "cuda": "13.0", "gpuArch": "sm_90"},
+    "sources": {"matchLabels": {"warm": "true"}},
+    "targets": {"matchLabels": {"app": "inference"}},
+}
 BASES = {"WeightSource": WS_BASE, "RefitJob": RJ_BASE, "ArtifactCache": AC_BASE}
 
 
@@ -351,14 +491,22 @@ BASES = {"WeightSource": WS_BASE, "RefitJob": RJ_BASE, "ArtifactCache": AC_BASE}
 @given(spec=mutated("WeightSource"))
 @example(spec={**WS_BASE, "layout": {"tensorParallelSize": 2.0}})  # schema took it, CEL would not
 @example(spec={**WS_BASE, "heartbeat": {"renewIntervalSeconds": 1.0}})  # CEL: "got float64"
-@example(spec={**WS_BASE, "layout": {"tensorParallelSize": True}})  # pydantic's lax mode took it as 1
+@example(
+    spec={**WS_BASE, "layout": {"tensorParallelSize": True}}
+)  # pydantic's lax mode took it as 1
 @example(spec={**WS_BASE, "layout": None})  # null means absent: defaulted
 @example(spec={**WS_BASE, "rails": {"mode": "explicit"}})  # the model had no cross-field rules
-@example(spec={**WS_BASE, "heartbeat": {"leaseDurationSeconds": 5}})  # renew 5 (default) is not below 5
+@example(
+    spec={**WS_BASE, "heartbeat": {"leaseDurationSeconds": 5}}
+)  # renew 5 (default) is not below 5
 @example(spec={**WS_BASE, "selector": {"matchLabels": {"app": None}}})  # pruned: an empty selector
 @example(spec={**WS_BASE, "selector": {"matchExpressions": [{"key": "a", "operator": "In"}]}})
-@example(spec={**WS_BASE, "selector": {"matchExpressions": [{"key": "a", "operator": "Exists",
-                                                             "values": ["b"]}]}})
+@example(
+    spec={
+        **WS_BASE,
+        "selector": {"matchExpressions": [{"key": "a", "operator": "Exists", "values": ["b"]}]},
+    }
+)
 def test_weightsource_create_accepted_exactly_when_the_model_accepts(api: Api, spec: dict) -> None:
     check("WeightSource", spec, oracle("WeightSource", spec), api.create("WeightSource", spec))
 
@@ -413,20 +561,32 @@ def update(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
 @example(change=("WeightSource", {**WS_BASE, "model": {"name": "llama", "revision": "step-2"}}))
 @example(change=("ArtifactCache", {**AC_BASE, "maxBytes": 1 << 30}))
 def test_update_accepted_exactly_when_valid_and_immutable_fields_unchanged(
-        api: Api, stored: dict[str, str], change: tuple[str, dict[str, Any]]) -> None:
+    api: Api, stored: dict[str, str], change: tuple[str, dict[str, Any]]
+) -> None:
     kind, spec = change
     check(kind, spec, oracle(kind, spec, old=BASES[kind]), api.update(kind, stored[kind], spec))
 
 
 def test_every_immutable_field_is_found() -> None:
     """The update oracle reads the same markers the CRD's transition rules come from."""
-    assert immutable_paths(RefitJobSpec) == [("sourceRef",), ("version",), ("targets",), ("strategy",),
-                                             ("transform",)]
+    assert immutable_paths(RefitJobSpec) == [
+        ("sourceRef",),
+        ("version",),
+        ("targets",),
+        ("strategy",),
+        ("transform",),
+    ]
     assert immutable_paths(WeightSourceSpec) == [("model", "name")]
     assert immutable_paths(ArtifactCacheSpec) == [("identity",)]
 
 
 def test_schema_paths_cover_the_spec() -> None:
     paths = {p for p, _ in schema_paths(SCHEMAS["RefitJob"])}
-    assert ("strategy", "parallelSources") in paths and ("targets", "matchExpressions", 0, "values", 0) in paths
+    assert ("strategy", "parallelSources") in paths and (
+        "targets",
+        "matchExpressions",
+        0,
+        "values",
+        0,
+    ) in paths
     assert Path(generate.path_for(generate.KINDS[1])).exists()

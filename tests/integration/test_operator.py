@@ -13,19 +13,32 @@ import yaml
 from kubernetes import client as k8s_client
 
 from ferry_agent.k8s.reporter import Identity, Reporter
-from ferry_operator.dev.controlplane import ControlPlane
-from ferry_operator.dev.operatorproc import OperatorProcess, start_operator
+from ferry_dev.controlplane import ControlPlane
+from ferry_dev.operatorproc import OperatorProcess, start_operator
 from tests.kube_helpers import GROUP, VERSION, cond, create, get, make_pod, wait_for
 
-WS = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "WeightSource", "metadata": {"name": "src"},
-      "spec": {"model": {"name": "llama"}, "selector": {"matchLabels": {"app": "trainer"}}}}
+WS = {
+    "apiVersion": f"{GROUP}/{VERSION}",
+    "kind": "WeightSource",
+    "metadata": {"name": "src"},
+    "spec": {"model": {"name": "llama"}, "selector": {"matchLabels": {"app": "trainer"}}},
+}
 
 
-def test_weightsource_conditions_follow_the_world(api_client: k8s_client.ApiClient, namespace: str,
-                                                  operator: OperatorProcess) -> None:
+def test_weightsource_conditions_follow_the_world(
+    api_client: k8s_client.ApiClient, namespace: str, operator: OperatorProcess
+) -> None:
     create(api_client, namespace, "weightsources", WS)
-    obj = wait_for(lambda: (o := get(api_client, "weightsources", namespace, "src"))
-                   .get("status", {}).get("observedGeneration") == 1 and o, what="first reconcile")
+    obj = wait_for(
+        lambda: (
+            (o := get(api_client, "weightsources", namespace, "src"))
+            .get("status", {})
+            .get("observedGeneration")
+            == 1
+            and o
+        ),
+        what="first reconcile",
+    )
     ready = cond(obj, "Ready")
     assert ready["status"] == "False" and ready["reason"] == "NoReplicas"
     assert ready["observedGeneration"] == 1 and ready["lastTransitionTime"]
@@ -35,40 +48,91 @@ def test_weightsource_conditions_follow_the_world(api_client: k8s_client.ApiClie
     # Pods appear: the level-triggered resync notices without any edge on the CR.
     for i in range(2):
         make_pod(api_client, namespace, f"trainer-{i}", {"app": "trainer"})
-    obj = wait_for(lambda: (o := get(api_client, "weightsources", namespace, "src"))
-                   ["status"].get("replicas") == 2 and o, what="replicas=2")
+    obj = wait_for(
+        lambda: (
+            (o := get(api_client, "weightsources", namespace, "src"))["status"].get("replicas") == 2
+            and o
+        ),
+        what="replicas=2",
+    )
     assert cond(obj, "Ready")["reason"] == "NoReadyReplicas"
     assert obj["status"]["readySummary"] == "0/2"
 
     # An agent writes only its own entry (its own field manager) and keeps its
     # Lease; the operator aggregates.
-    info = {"state": "Ready", "version": "7", "fingerprint": "f" * 16, "tensors": 3, "bytes": 3 << 30}
-    reporter = Reporter(Identity("trainer-0", namespace, None, "127.0.0.1:7470"), lambda: info,
-                        api_client, renew_seconds=1).start()
-    obj = wait_for(lambda: (o := get(api_client, "weightsources", namespace, "src"))
-                   ["status"].get("readyReplicas") == 1 and o, what="readyReplicas=1")
+    info = {
+        "state": "Ready",
+        "version": "7",
+        "fingerprint": "f" * 16,
+        "tensors": 3,
+        "bytes": 3 << 30,
+    }
+    reporter = Reporter(
+        Identity("trainer-0", namespace, None, "127.0.0.1:7470"),
+        lambda: info,
+        api_client,
+        renew_seconds=1,
+    ).start()
+    obj = wait_for(
+        lambda: (
+            (o := get(api_client, "weightsources", namespace, "src"))["status"].get("readyReplicas")
+            == 1
+            and o
+        ),
+        what="readyReplicas=1",
+    )
     st = obj["status"]
     assert cond(obj, "Ready")["status"] == "True"
     assert st["version"] == "7" and st["bytes"] == 3 << 30 and st["size"] == "3.0GiB"
-    assert st["members"][0]["pod"] == "trainer-0", "the operator's apply must not drop agent entries"
+    assert st["members"][0]["pod"] == "trainer-0", (
+        "the operator's apply must not drop agent entries"
+    )
     assert cond(obj, "Degraded")["reason"] == "ReplicasNotReady"
 
     # A spec change bumps generation; observedGeneration follows.
     k8s_client.CustomObjectsApi(api_client).patch_namespaced_custom_object(
-        GROUP, VERSION, namespace, "weightsources", "src", {"spec": {"model": {"revision": "step-8"}}})
-    obj = wait_for(lambda: (o := get(api_client, "weightsources", namespace, "src"))
-                   ["status"].get("observedGeneration") == 2 and o, what="observedGeneration=2")
+        GROUP,
+        VERSION,
+        namespace,
+        "weightsources",
+        "src",
+        {"spec": {"model": {"revision": "step-8"}}},
+    )
+    obj = wait_for(
+        lambda: (
+            (o := get(api_client, "weightsources", namespace, "src"))["status"].get(
+                "observedGeneration"
+            )
+            == 2
+            and o
+        ),
+        what="observedGeneration=2",
+    )
     assert all(c["observedGeneration"] == 2 for c in obj["status"]["conditions"])
     reporter.stop()
 
 
 def test_refitjob_reports_missing_source_then_resolves_latest(
-        api_client: k8s_client.ApiClient, namespace: str, operator: OperatorProcess) -> None:
-    create(api_client, namespace, "refitjobs", {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": "RefitJob", "metadata": {"name": "job"},
-        "spec": {"sourceRef": {"name": "src"}, "targets": {"matchLabels": {"app": "inference"}}}})
-    obj = wait_for(lambda: cond(get(api_client, "refitjobs", namespace, "job"), "Progressing"),
-                   what="Progressing condition")
+    api_client: k8s_client.ApiClient, namespace: str, operator: OperatorProcess
+) -> None:
+    create(
+        api_client,
+        namespace,
+        "refitjobs",
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "RefitJob",
+            "metadata": {"name": "job"},
+            "spec": {
+                "sourceRef": {"name": "src"},
+                "targets": {"matchLabels": {"app": "inference"}},
+            },
+        },
+    )
+    obj = wait_for(
+        lambda: cond(get(api_client, "refitjobs", namespace, "job"), "Progressing"),
+        what="Progressing condition",
+    )
     assert obj["reason"] == "SourceNotFound" and "spec.sourceRef.name" in obj["message"]
     job = get(api_client, "refitjobs", namespace, "job")
     assert job["status"]["phase"] == "Pending"
@@ -76,41 +140,68 @@ def test_refitjob_reports_missing_source_then_resolves_latest(
     assert "version" not in job["status"], "latest must not resolve before the source exists"
 
     events = k8s_client.CoreV1Api(api_client).list_namespaced_event(namespace).items
-    assert any(e.reason == "SourceNotFound" and e.involved_object.name == "job" and e.type == "Warning"
-               for e in events)
+    assert any(
+        e.reason == "SourceNotFound" and e.involved_object.name == "job" and e.type == "Warning"
+        for e in events
+    )
 
     create(api_client, namespace, "weightsources", WS)
     make_pod(api_client, namespace, "trainer-0", {"app": "trainer"})
-    wait_for(lambda: get(api_client, "weightsources", namespace, "src").get("status"), what="ws status")
+    wait_for(
+        lambda: get(api_client, "weightsources", namespace, "src").get("status"), what="ws status"
+    )
     info = {"state": "Ready", "version": "42", "fingerprint": "abc"}
-    reporter = Reporter(Identity("trainer-0", namespace, None, "127.0.0.1:7470"), lambda: info,
-                        api_client, renew_seconds=1).start()
-    job = wait_for(lambda: (o := get(api_client, "refitjobs", namespace, "job"))
-                   ["status"].get("version") and o, what="version resolved")
+    reporter = Reporter(
+        Identity("trainer-0", namespace, None, "127.0.0.1:7470"),
+        lambda: info,
+        api_client,
+        renew_seconds=1,
+    ).start()
+    job = wait_for(
+        lambda: (
+            (o := get(api_client, "refitjobs", namespace, "job"))["status"].get("version") and o
+        ),
+        what="version resolved",
+    )
     assert job["status"]["version"] == "42"
     assert cond(job, "Progressing")["reason"] == "NoTargets"
     reporter.stop()
 
 
-def test_artifactcache_says_peers_are_trusted(api_client: k8s_client.ApiClient, namespace: str,
-                                              operator: OperatorProcess) -> None:
+def test_artifactcache_says_unsigned_caches_are_allowed(
+    api_client: k8s_client.ApiClient, namespace: str, operator: OperatorProcess
+) -> None:
     samples = Path(__file__).resolve().parents[2] / "examples" / "artifactcache.yaml"
     create(api_client, namespace, "artifactcaches", yaml.safe_load(samples.read_text()))
-    obj = wait_for(lambda: (o := get(api_client, "artifactcaches", namespace, "llama-8b-inductor"))
-                   .get("status", {}).get("trust") and o, what="trust status")
+    obj = wait_for(
+        lambda: (
+            (o := get(api_client, "artifactcaches", namespace, "llama-8b-inductor"))
+            .get("status", {})
+            .get("trust")
+            and o
+        ),
+        what="trust status",
+    )
     assert obj["status"]["trust"] == "Unverified"
     trusted = cond(obj, "Trusted")
-    assert trusted["status"] == "False" and "trust their peers" in trusted["message"]
+    assert trusted["status"] == "False" and trusted["reason"] == "UnsignedAllowed"
+    assert "spec.trust.allowUnsigned" in trusted["message"]
     assert cond(obj, "Ready")["reason"] == "NoSource"
 
 
-def test_metrics_count_reconciles(operator: OperatorProcess, api_client: k8s_client.ApiClient,
-                                  namespace: str) -> None:
+def test_metrics_count_reconciles(
+    operator: OperatorProcess, api_client: k8s_client.ApiClient, namespace: str
+) -> None:
     create(api_client, namespace, "weightsources", WS)
-    wait_for(lambda: get(api_client, "weightsources", namespace, "src").get("status"), what="status")
+    wait_for(
+        lambda: get(api_client, "weightsources", namespace, "src").get("status"), what="status"
+    )
     text = operator.metrics()
-    ok = [line for line in text.splitlines()
-          if line.startswith('ferry_operator_reconciles_total{kind="WeightSource",result="ok"}')]
+    ok = [
+        line
+        for line in text.splitlines()
+        if line.startswith('ferry_operator_reconciles_total{kind="WeightSource",result="ok"}')
+    ]
     assert ok and float(ok[0].split()[-1]) >= 1
     assert 'ferry_operator_reconcile_duration_seconds_count{kind="WeightSource"}' in text
     assert operator.healthz() == 200
@@ -162,8 +253,9 @@ def test_liveness_fails_when_watches_die(control_plane: ControlPlane, tmp_path: 
     config["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{proxy.port}"
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(yaml.safe_dump(config))
-    op = start_operator(kubeconfig, tmp_path / "operator.log", "--canary-seconds", "1",
-                        "--watch-timeout", "5")
+    op = start_operator(
+        kubeconfig, tmp_path / "operator.log", "--canary-seconds", "1", "--watch-timeout", "5"
+    )
     try:
         wait_for(lambda: op.healthz() == 200, what="healthy")
         time.sleep(4)

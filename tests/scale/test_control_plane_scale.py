@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from ferry_operator.bench.control_plane import Bench, run_one
+from ferry_bench.control_plane import Bench, run_one
 
 # Budgets at 1,000 targets (issue 8): all assigned within 1 s of the job being
 # stored, the job object under 300 kB, operator RSS under 300 MB. The time bounds
@@ -23,8 +23,16 @@ RSS_MB = 300
 
 @pytest.mark.parametrize("targets", [100])
 def test_refit_over_kwok_targets(kwok_bench: Bench, targets: int) -> None:
-    r = run_one(kwok_bench, targets, sources=8, strategy="chain", max_fan_out=4,
-                lease_seconds=60, renew_seconds=20.0, timeout=240)
+    r = run_one(
+        kwok_bench,
+        targets,
+        sources=8,
+        strategy="chain",
+        max_fan_out=4,
+        lease_seconds=60,
+        renew_seconds=20.0,
+        timeout=240,
+    )
     assert "error" not in r, r
     assert r["job_phase"] == "Succeeded"
     # Scheduled by GPU count: at most 8 per node (the scheduler spreads them out).

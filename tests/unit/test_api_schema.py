@@ -41,7 +41,9 @@ def test_schema_is_structural_and_documented(model: Any) -> None:
 
 
 def test_crd_names_and_columns() -> None:
-    by_kind = {yaml.safe_load(generate.render(m))["spec"]["names"]["kind"]: m for m in generate.KINDS}
+    by_kind = {
+        yaml.safe_load(generate.render(m))["spec"]["names"]["kind"]: m for m in generate.KINDS
+    }
     assert set(by_kind) == {"WeightSource", "RefitJob", "ArtifactCache"}
     for model in generate.KINDS:
         crd = generate.crd(model)
@@ -56,20 +58,29 @@ def test_crd_names_and_columns() -> None:
 def test_immutable_fields_carry_transition_rules() -> None:
     from ferry_api.refitjob import RefitJob
 
-    spec = generate.crd(RefitJob)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    spec = generate.crd(RefitJob)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"][
+        "spec"
+    ]
     for field in ("sourceRef", "targets", "version", "strategy", "transform"):
         rules = [r["rule"] for r in spec["properties"][field].get("x-kubernetes-validations", [])]
         assert "self == oldSelf" in rules, field
     # a field that may change carries no such rule
-    rules = [r["rule"] for r in spec["properties"]["timeoutSeconds"].get("x-kubernetes-validations", [])]
+    rules = [
+        r["rule"] for r in spec["properties"]["timeoutSeconds"].get("x-kubernetes-validations", [])
+    ]
     assert "self == oldSelf" not in rules
 
 
 def test_nested_object_defaults_spelled_out() -> None:
     from ferry_api.weightsource import WeightSource
 
-    spec = generate.crd(WeightSource)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
-    assert spec["properties"]["heartbeat"]["default"] == {"leaseDurationSeconds": 15, "renewIntervalSeconds": 5}
+    spec = generate.crd(WeightSource)["spec"]["versions"][0]["schema"]["openAPIV3Schema"][
+        "properties"
+    ]["spec"]
+    assert spec["properties"]["heartbeat"]["default"] == {
+        "leaseDurationSeconds": 15,
+        "renewIntervalSeconds": 5,
+    }
     assert spec["properties"]["rails"]["default"] == {"mode": "auto"}
 
 

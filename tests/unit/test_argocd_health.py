@@ -28,8 +28,11 @@ def health(kind: str, obj: dict) -> tuple[str, str]:
 
 
 def obj(gen: int, observed: int | None, *conds: tuple[str, str, str]) -> dict:
-    status: dict[str, Any] = {"conditions": [{"type": t, "status": s, "reason": r, "message": f"{r} detail"}
-                                             for t, s, r in conds]}
+    status: dict[str, Any] = {
+        "conditions": [
+            {"type": t, "status": s, "reason": r, "message": f"{r} detail"} for t, s, r in conds
+        ]
+    }
     if observed is not None:
         status["observedGeneration"] = observed
     return {"metadata": {"generation": gen}, "status": status}
@@ -38,18 +41,46 @@ def obj(gen: int, observed: int | None, *conds: tuple[str, str, str]) -> dict:
 CASES = [
     ("WeightSource", {"metadata": {"generation": 1}}, "Progressing"),
     ("WeightSource", obj(2, 1, ("Ready", "True", "ReplicasReady")), "Progressing"),
-    ("WeightSource", obj(1, 1, ("Ready", "True", "ReplicasReady"), ("Degraded", "False", "AsExpected")), "Healthy"),
-    ("WeightSource", obj(1, 1, ("Ready", "True", "ReplicasReady"), ("Degraded", "True", "ReplicasStale")), "Degraded"),
+    (
+        "WeightSource",
+        obj(1, 1, ("Ready", "True", "ReplicasReady"), ("Degraded", "False", "AsExpected")),
+        "Healthy",
+    ),
+    (
+        "WeightSource",
+        obj(1, 1, ("Ready", "True", "ReplicasReady"), ("Degraded", "True", "ReplicasStale")),
+        "Degraded",
+    ),
     ("WeightSource", obj(1, 1, ("Ready", "False", "NoReadyReplicas")), "Progressing"),
     ("WeightSource", obj(1, 1, ("Ready", "False", "InvalidSpec")), "Degraded"),
-    ("RefitJob", obj(1, 1, ("Progressing", "True", "Transferring"), ("Complete", "False", "NotStarted")), "Progressing"),
-    ("RefitJob", obj(1, 1, ("Complete", "True", "AllTargetsDone"), ("Failed", "False", "AsExpected")), "Healthy"),
-    ("RefitJob", obj(1, 1, ("Complete", "False", "NotStarted"), ("Failed", "True", "DeadlineExceeded")), "Degraded"),
+    (
+        "RefitJob",
+        obj(1, 1, ("Progressing", "True", "Transferring"), ("Complete", "False", "NotStarted")),
+        "Progressing",
+    ),
+    (
+        "RefitJob",
+        obj(1, 1, ("Complete", "True", "AllTargetsDone"), ("Failed", "False", "AsExpected")),
+        "Healthy",
+    ),
+    (
+        "RefitJob",
+        obj(1, 1, ("Complete", "False", "NotStarted"), ("Failed", "True", "DeadlineExceeded")),
+        "Degraded",
+    ),
     ("RefitJob", obj(1, 1, ("Progressing", "False", "InvalidSpec")), "Degraded"),
     ("RefitJob", obj(3, 2, ("Complete", "True", "AllTargetsDone")), "Progressing"),
-    ("ArtifactCache", obj(1, 1, ("Ready", "True", "CacheAvailable"), ("Degraded", "False", "AsExpected")), "Healthy"),
+    (
+        "ArtifactCache",
+        obj(1, 1, ("Ready", "True", "CacheAvailable"), ("Degraded", "False", "AsExpected")),
+        "Healthy",
+    ),
     ("ArtifactCache", obj(1, 1, ("Ready", "False", "NoSource")), "Progressing"),
-    ("ArtifactCache", obj(1, 1, ("Ready", "True", "CacheAvailable"), ("Degraded", "True", "InstallFailures")), "Degraded"),
+    (
+        "ArtifactCache",
+        obj(1, 1, ("Ready", "True", "CacheAvailable"), ("Degraded", "True", "InstallFailures")),
+        "Degraded",
+    ),
     ("ArtifactCache", obj(1, None), "Progressing"),
 ]
 

@@ -8,9 +8,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from ferry_agent.bench import fanout
-from ferry_agent.bench.fanout import GPU, chain_done, chunks, landings, predict, single_s
-from ferry_agent.bench.fanout_check import calibrate
+from ferry_bench import fanout
+from ferry_bench.fanout import GPU, chain_done, chunks, landings, predict, single_s
+from ferry_bench.fanout_check import calibrate
 
 GB = 10**9
 W = 8 * GB

@@ -12,8 +12,8 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from ferry_agent.bench import fanout
-from ferry_agent.bench.fanout import GPU, predict
+from ferry_bench import fanout
+from ferry_bench.fanout import GPU, predict
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "docs" / "bench"

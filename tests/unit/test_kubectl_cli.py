@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +12,12 @@ import pytest
 import yaml
 from kubernetes import client
 
-from ferry_operator.kubectl import cli
-from ferry_operator.kubectl.kube import Kube, NotFound, PluginError, _translated
+from ferry_api.refitjob import RefitJob
+from ferry_kubectl import cli
+from ferry_kubectl.kube import Kube, NotFound, PluginError, _translated
+from tests.api_objects import SELECTOR, T0, cond, served
 
-START = datetime(2026, 11, 22, 12, 0, 0, tzinfo=UTC)
+START = T0
 
 
 class FakeKube:
@@ -54,20 +56,16 @@ class Clock:
 
 def job(phase: str, done: list[int], **extra: Any) -> dict[str, Any]:
     conds = {
-        "Succeeded": [{"type": "Complete", "status": "True", "reason": "AllTargetsDone"}],
+        "Succeeded": [cond("Complete", "True", "AllTargetsDone")],
         "Failed": [
-            {
-                "type": "Failed",
-                "status": "True",
-                "reason": "DeadlineExceeded",
-                "message": "not finished within spec.timeoutSeconds=5",
-            }
+            cond("Failed", "True", "DeadlineExceeded", "not finished within spec.timeoutSeconds=5")
         ],
     }.get(phase, [])
-    return {
-        "metadata": {"name": "refit"},
-        "spec": {"sourceRef": {"name": "policy"}, "timeoutSeconds": 5},
-        "status": {
+    return served(
+        RefitJob,
+        "refit",
+        {"sourceRef": {"name": "policy"}, "targets": SELECTOR, "timeoutSeconds": 5},
+        {
             "phase": phase,
             "version": "1",
             "startTime": "2026-11-22T12:00:00Z",
@@ -80,7 +78,7 @@ def job(phase: str, done: list[int], **extra: Any) -> dict[str, Any]:
             "conditions": conds,
             **extra,
         },
-    }
+    )
 
 
 def run_watch(
@@ -206,6 +204,16 @@ def test_refit_no_watch_and_explicit_name() -> None:
     assert cli.cmd_refit(args, kube, out) == 0  # type: ignore[arg-type]
     assert kube.created[0][1] == "prod" and kube.created[0][2]["metadata"] == {"name": "step-9"}
     assert kube.gets == 0
+
+
+def test_refit_refuses_a_bad_flag_before_creating_anything() -> None:
+    kube = FakeKube([])
+    args = cli.build_parser().parse_args(
+        ["refit", "policy", "--targets", "app=x", "--max-fan-out", "100", "--no-watch"]
+    )
+    with pytest.raises(PluginError, match=r"spec\.strategy\.maxFanOut: .*less than or equal to 64"):
+        cli.cmd_refit(args, kube, io.StringIO())  # type: ignore[arg-type]
+    assert kube.created == []
 
 
 def api_error(status: int, body: dict[str, Any] | None) -> client.ApiException:

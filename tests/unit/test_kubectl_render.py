@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import pytest
 
-from ferry_operator.kubectl.progress import (
+from ferry_api.artifactcache import ArtifactCache
+from ferry_api.objects import ObjectInvalid, read
+from ferry_api.refitjob import RefitJob
+from ferry_api.weightsource import WeightSource
+from ferry_kubectl.progress import (
     Rates,
     bar,
     final_line,
@@ -17,11 +21,12 @@ from ferry_operator.kubectl.progress import (
     plain_updates,
     redraw,
 )
-from ferry_operator.kubectl.selector import SelectorError, parse_selector
-from ferry_operator.kubectl.tables import job_reason, status_lines, table
-from ferry_operator.kubectl.units import fmt_age, fmt_bytes, fmt_duration, fmt_rate, parse_quantity
+from ferry_kubectl.selector import SelectorError, parse_selector
+from ferry_kubectl.tables import job_reason, status_lines, table
+from ferry_kubectl.units import fmt_age, fmt_bytes, fmt_duration, fmt_rate, parse_quantity
+from tests.api_objects import SELECTOR, T0, cond, served
 
-NOW = datetime(2026, 11, 22, 12, 0, 0, tzinfo=UTC)
+NOW = T0
 
 
 def stamp(seconds_ago: float) -> str:
@@ -73,23 +78,23 @@ def test_table_aligns_columns() -> None:
 
 
 def ws(name: str = "policy", **status: Any) -> dict[str, Any]:
-    return {
-        "metadata": {"name": name, "namespace": "ml", "creationTimestamp": stamp(300)},
-        "spec": {"model": {"name": "tiny-llama"}},
-        "status": status,
-    }
+    spec = {"model": {"name": "tiny-llama"}, "selector": {"matchLabels": {"app": "trainer"}}}
+    return served(WeightSource, name, spec, status, created=NOW - timedelta(seconds=300))
 
 
 def rj(name: str = "refit", **status: Any) -> dict[str, Any]:
-    return {
-        "metadata": {"name": name, "namespace": "ml", "creationTimestamp": stamp(90)},
-        "spec": {"sourceRef": {"name": "policy"}, "version": "latest", "timeoutSeconds": 120},
-        "status": status,
+    spec = {
+        "sourceRef": {"name": "policy"},
+        "targets": SELECTOR,
+        "version": "latest",
+        "timeoutSeconds": 120,
     }
+    return served(RefitJob, name, spec, status, created=NOW - timedelta(seconds=90))
 
 
-def cond(type_: str, status: str, reason: str, message: str = "") -> dict[str, str]:
-    return {"type": type_, "status": status, "reason": reason, "message": message}
+def job(name: str = "refit", **status: Any) -> Any:
+    """rj(...) as the plugin reads it."""
+    return read(RefitJob, rj(name, **status))
 
 
 def test_status_tables_show_what_matters() -> None:
@@ -127,11 +132,28 @@ def test_status_tables_show_what_matters() -> None:
             conditions=[cond("Failed", "True", "LayoutMismatch", "1/3 targets failed")],
         ),
     ]
+    identity = {
+        "model": "m",
+        "framework": "vllm",
+        "frameworkVersion": "0.11",
+        "torch": "2.9",
+        "cuda": "13.0",
+        "triton": "3.5",
+        "gpuArch": "sm_90",
+        "compileConfigDigest": "sha256:" + "0" * 64,
+    }
     caches = [
-        {
-            "metadata": {"name": "compile", "namespace": "ml", "creationTimestamp": stamp(30)},
-            "spec": {"kinds": ["triton", "torch-compile"]},
-            "status": {
+        served(
+            ArtifactCache,
+            "compile",
+            {
+                "identity": identity,
+                "kinds": ["triton", "torch-compile"],
+                "sources": SELECTOR,
+                "targets": {"matchLabels": {"app": "new"}},
+                "trust": {"secretRef": "key"},
+            },
+            {
                 "manifestId": "sha256:" + "ab" * 32,
                 "bytes": 5_000_000,
                 "installed": 2,
@@ -139,7 +161,8 @@ def test_status_tables_show_what_matters() -> None:
                 "trust": "Signed",
                 "failures": [{"pod": "i-9", "reason": "X"}],
             },
-        }
+            created=NOW - timedelta(seconds=30),
+        )
     ]
     lines = status_lines(
         {"weightsources": sources, "refitjobs": jobs, "artifactcaches": caches}, NOW, "ml"
@@ -179,23 +202,23 @@ def test_status_tables_show_what_matters() -> None:
 
 def test_job_reason_for_stuck_and_retrying_jobs() -> None:
     assert (
-        job_reason(rj(conditions=[cond("Progressing", "False", "SourceNotFound")]))
+        job_reason(job(conditions=[cond("Progressing", "False", "SourceNotFound")]))
         == "SourceNotFound"
     )
     assert (
         job_reason(
-            rj(phase="Running", targets=[{"pod": "a", "phase": "Failed", "reason": "SourceStale"}])
+            job(phase="Running", targets=[{"pod": "a", "phase": "Failed", "reason": "SourceStale"}])
         )
         == "Retrying:SourceStale"
     )
     assert (
-        job_reason(rj(phase="Succeeded", conditions=[cond("Progressing", "False", "Finished")]))
+        job_reason(job(phase="Succeeded", conditions=[cond("Progressing", "False", "Finished")]))
         == ""
     )
 
 
-def running(t_bytes: dict[str, int], total: int = 300, **extra: Any) -> dict[str, Any]:
-    return rj(
+def running(t_bytes: dict[str, int], total: int = 300, **extra: Any) -> Any:
+    return job(
         phase="Running",
         version="7",
         startTime=stamp(10),
@@ -246,21 +269,24 @@ def test_job_view_rates_eta_and_percentages() -> None:
 
 def test_done_targets_use_their_own_duration_and_count_full_size() -> None:
     obj = running({"i-0": 0})
-    obj["status"]["targets"][0].update(phase="Done", bytes=90, seconds=3.0)
+    assert obj.status.targets
+    obj.status.targets[0] = obj.status.targets[0].model_copy(
+        update={"phase": "Done", "bytes": 90, "seconds": 3.0}
+    )
     (t,) = job_view(obj, Rates(), 0.0, NOW).targets
     assert t.bytes == 100 and t.rate == pytest.approx(100 / 3) and t.eta is None
 
 
 def test_outcome_from_conditions() -> None:
-    assert outcome(rj(conditions=[cond("Complete", "True", "AllTargetsDone")]))[0] == "Complete"
+    assert outcome(job(conditions=[cond("Complete", "True", "AllTargetsDone")]))[0] == "Complete"
     assert outcome(
-        rj(phase="Failed", conditions=[cond("Failed", "True", "DeadlineExceeded", "late")])
+        job(phase="Failed", conditions=[cond("Failed", "True", "DeadlineExceeded", "late")])
     ) == ("Failed", "DeadlineExceeded", "late")
-    assert outcome(rj(phase="Running"))[0] is None
+    assert outcome(job(phase="Running"))[0] is None
 
 
 def test_final_lines() -> None:
-    done = rj(
+    done = job(
         phase="Succeeded",
         version="7",
         startTime=stamp(10),
@@ -274,7 +300,7 @@ def test_final_lines() -> None:
         final_line(job_view(done, Rates(), 0.0, NOW))
         == "refitjob/refit Complete: 3/3 targets hold 7, 300 B in 10s (30 B/s)"
     )
-    failed = rj(
+    failed = job(
         phase="Failed", conditions=[cond("Failed", "True", "LayoutMismatch", "i-2: dtype differs")]
     )
     assert (
@@ -301,3 +327,25 @@ def test_redraw_moves_up_and_clears() -> None:
 
 def test_bar_bounds() -> None:
     assert bar(0, 4) == "[....]" and bar(0.5, 4) == "[##..]" and bar(2, 4) == "[####]"
+
+
+def test_objects_are_read_through_the_api_models() -> None:
+    newer = rj(phase="Running", targetsSummary="0/1")
+    newer["status"]["someFutureField"] = {"x": 1}  # a newer operator's field: ignored
+    newer["status"]["conditions"] = [
+        {**cond("Progressing", "True", "Transferring"), "severity": "x"}
+    ]
+    (row,) = [
+        line
+        for line in status_lines({"refitjobs": [newer]}, NOW, "ml")
+        if line.startswith("refit ")
+    ]
+    assert row.split()[:5] == ["refit", "policy", "latest", "Running", "0/1"]
+    bad = rj()
+    bad["status"] = {"phase": "Exploded"}
+    with pytest.raises(
+        ObjectInvalid, match=r"refitjob 'refit': status\.phase: Input should be 'Pending'"
+    ):
+        status_lines({"refitjobs": [bad]}, NOW, "ml")
+    # spec defaults come from the model, not from the plugin
+    assert job().spec.strategy.max_fan_out == 4

@@ -16,8 +16,11 @@ def test_direct_spreads_least_loaded_first() -> None:
 
 
 def test_direct_prefers_same_node() -> None:
-    p = plan("direct", [Peer("s0", "n0"), Peer("s1", "n1")],
-             [TargetState("t0", "n1"), TargetState("t1", "n0")])
+    p = plan(
+        "direct",
+        [Peer("s0", "n0"), Peer("s1", "n1")],
+        [TargetState("t0", "n1"), TargetState("t1", "n0")],
+    )
     assert p.assign == {"t0": ("s1",), "t1": ("s0",)}
 
 
@@ -79,7 +82,9 @@ def test_chain_one_per_source_and_extends_existing() -> None:
 
 
 def test_chain_relinks_after_failed_upstream() -> None:
-    state = [TargetState("t0", phase="Failed", sources=("s0",)),
-             TargetState("t1", failed_sources=frozenset({"t0"}))]
+    state = [
+        TargetState("t0", phase="Failed", sources=("s0",)),
+        TargetState("t1", failed_sources=frozenset({"t0"})),
+    ]
     p = plan("chain", [Peer("s0")], state)
     assert p.assign == {"t1": ("s0",)}

@@ -46,9 +46,20 @@ VERBS = {
 RESOURCES = {
     "lease": (rbac.COORD, "leases"),
     "pod": ("", "pods"),
+    "secret": ("", "secrets"),
     "event": ("", "events"),
     "custom_object": (rbac.FERRY, None),
     "custom_object_status": (rbac.FERRY, None),
+}
+# Cluster-scoped resources the code may touch (client methods without namespaced_).
+CLUSTER_RESOURCES = {
+    "mutating_webhook_configuration": (
+        "admissionregistration.k8s.io",
+        "mutatingwebhookconfigurations",
+    ),
+    "certificate_signing_request": (rbac.CERTS, "certificatesigningrequests"),
+    "certificate_signing_request_approval": (rbac.CERTS, "certificatesigningrequests/approval"),
+    "certificate_signing_request_status": (rbac.CERTS, "certificatesigningrequests/status"),
 }
 CLUSTER_SCOPED = {
     "namespace",
@@ -108,6 +119,10 @@ def scan(root: Path) -> dict[tuple[str, str, str], list[str]]:
         for m in CALL.finditer(text):
             verb, what = VERBS[m.group(1)], m.group(3)
             scoped = m.group(2) or m.group(4)
+            if what in CLUSTER_RESOURCES and not scoped:
+                where = f"{path.relative_to(REPO)}:{text.count(chr(10), 0, m.start()) + 1}"
+                found.setdefault((*CLUSTER_RESOURCES[what], verb), []).append(where)
+                continue
             if what not in RESOURCES or not scoped:
                 # Cluster-scoped client methods carry no namespaced_/cluster_ marker.
                 if what in CLUSTER_SCOPED or (scoped and what not in RESOURCES):
@@ -175,7 +190,12 @@ def kopf_needs() -> dict[tuple[str, str, str], list[str]]:
 
 
 def covered(table: tuple[rbac.Permission, ...]) -> set[tuple[str, str, str]]:
-    return {(g, r, v) for g, r, v, _ in rbac.rules(table, frozenset({"peering", "webhook"}))}
+    return {
+        (g, r, v)
+        for g, r, v, _ in rbac.rules(
+            table, frozenset({"peering", "webhook", "selfsigned", "cluster"})
+        )
+    }
 
 
 def test_scan_finds_the_calls_we_know_about() -> None:
@@ -222,5 +242,5 @@ def test_no_stale_code_grants() -> None:
 
 def test_every_permission_says_why() -> None:
     for p in (*rbac.OPERATOR, *rbac.AGENT):
-        assert p.via in ("code", "kopf")
+        assert p.via in ("code", "kopf", "apiserver")
         assert len(p.reason) > 15, p

@@ -19,13 +19,25 @@ LABEL = "ferry.dev/tp-rank"
 
 
 def ws_spec(tp: int, **layout: object) -> WeightSourceSpec:
-    return WeightSourceSpec.model_validate({"model": {"name": "m"}, "selector": {"matchLabels": {"a": "b"}},
-                                            "layout": {"tensorParallelSize": tp, **layout}})
+    return WeightSourceSpec.model_validate(
+        {
+            "model": {"name": "m"},
+            "selector": {"matchLabels": {"a": "b"}},
+            "layout": {"tensorParallelSize": tp, **layout},
+        }
+    )
 
 
 def member(pod: str, rank: int | None, fp: str, version: str = "3", state: str = "Ready") -> dict:
-    m = {"pod": pod, "state": state, "fingerprint": fp, "version": version, "bytes": 1000, "tensors": 4,
-         "endpoint": f"{pod}:1"}
+    m = {
+        "pod": pod,
+        "state": state,
+        "fingerprint": fp,
+        "version": version,
+        "bytes": 1000,
+        "tensors": 4,
+        "endpoint": f"{pod}:1",
+    }
     if rank is not None:
         m["rank"] = rank
     return m
@@ -36,14 +48,24 @@ def cond(status: dict, t: str) -> dict:
 
 
 def ws_status(tp: int, members: list[dict]) -> dict:
-    return weightsource.compute_status(ws_spec(tp), {"members": members}, 1, [m["pod"] for m in members], T0)
+    return weightsource.compute_status(
+        ws_spec(tp), {"members": members}, 1, [m["pod"] for m in members], T0
+    )
 
 
 # -- WeightSource ---------------------------------------------------------------------
 
+
 def test_tp2_ranks_with_their_own_fingerprints_are_ready_and_not_mismatched() -> None:
-    st = ws_status(2, [member("a0", 0, "fpA"), member("b0", 0, "fpA"), member("a1", 1, "fpB"),
-                       member("b1", 1, "fpB")])
+    st = ws_status(
+        2,
+        [
+            member("a0", 0, "fpA"),
+            member("b0", 0, "fpA"),
+            member("a1", 1, "fpB"),
+            member("b1", 1, "fpB"),
+        ],
+    )
     assert cond(st, "Ready")["status"] == "True" and cond(st, "Degraded")["status"] == "False"
     assert st["readyReplicas"] == 4 and "members" not in st and st["version"] == "3"
     digest = hashlib.sha256(b"0=fpA\n1=fpB").hexdigest()
@@ -53,35 +75,59 @@ def test_tp2_ranks_with_their_own_fingerprints_are_ready_and_not_mismatched() ->
 
 def test_tp2_fingerprint_is_stable_and_tracks_each_rank() -> None:
     one = ws_status(2, [member("a0", 0, "fpA"), member("a1", 1, "fpB")])["fingerprint"]
-    again = ws_status(2, [member("x1", 1, "fpB"), member("x0", 0, "fpA"), member("y0", 0, "fpA")])["fingerprint"]
+    again = ws_status(2, [member("x1", 1, "fpB"), member("x0", 0, "fpA"), member("y0", 0, "fpA")])[
+        "fingerprint"
+    ]
     other = ws_status(2, [member("a0", 0, "fpA"), member("a1", 1, "fpC")])["fingerprint"]
     assert one == again and one != other
 
 
 def test_majority_is_per_rank() -> None:
-    st = ws_status(2, [member("a0", 0, "fpA"), member("b0", 0, "fpA"), member("c0", 0, "odd"),
-                       member("a1", 1, "fpB")])
+    st = ws_status(
+        2,
+        [
+            member("a0", 0, "fpA"),
+            member("b0", 0, "fpA"),
+            member("c0", 0, "odd"),
+            member("a1", 1, "fpB"),
+        ],
+    )
     assert st["members"] == [{"pod": "c0", "state": "Mismatched"}]
-    assert cond(st, "Degraded")["reason"] == "FingerprintMismatch" and "c0" in cond(st, "Degraded")["message"]
+    assert (
+        cond(st, "Degraded")["reason"] == "FingerprintMismatch"
+        and "c0" in cond(st, "Degraded")["message"]
+    )
     assert cond(st, "Ready")["status"] == "True" and st["readyReplicas"] == 3
 
 
 def test_not_ready_until_every_rank_serves_one_version() -> None:
     st = ws_status(2, [member("a0", 0, "fpA"), member("b0", 0, "fpA")])
-    assert cond(st, "Ready")["status"] == "False" and cond(st, "Ready")["reason"] == "RanksIncomplete"
+    assert (
+        cond(st, "Ready")["status"] == "False" and cond(st, "Ready")["reason"] == "RanksIncomplete"
+    )
     assert "ranks 1" in cond(st, "Ready")["message"] and "version" not in st
     mixed = ws_status(2, [member("a0", 0, "fpA", "4"), member("a1", 1, "fpB", "3")])
     assert cond(mixed, "Ready")["reason"] == "RanksIncomplete" and "version" not in mixed
-    rolling = ws_status(2, [member("a0", 0, "fpA", "4"), member("a1", 1, "fpB", "3"),
-                            member("b0", 0, "fpA", "3")])
+    rolling = ws_status(
+        2, [member("a0", 0, "fpA", "4"), member("a1", 1, "fpB", "3"), member("b0", 0, "fpA", "3")]
+    )
     assert cond(rolling, "Ready")["status"] == "True" and rolling["version"] == "3"
 
 
 def test_replica_without_rank_or_out_of_range_is_flagged_with_the_label() -> None:
-    st = ws_status(2, [member("a0", 0, "fpA"), member("a1", 1, "fpB"), member("none", None, "fpA"),
-                       member("big", 2, "fpA")])
+    st = ws_status(
+        2,
+        [
+            member("a0", 0, "fpA"),
+            member("a1", 1, "fpB"),
+            member("none", None, "fpA"),
+            member("big", 2, "fpA"),
+        ],
+    )
     assert sorted(st["members"], key=lambda m: m["pod"]) == [
-        {"pod": "big", "state": "Mismatched"}, {"pod": "none", "state": "Mismatched"}]
+        {"pod": "big", "state": "Mismatched"},
+        {"pod": "none", "state": "Mismatched"},
+    ]
     d = cond(st, "Degraded")
     assert d["reason"] == "RankInvalid" and LABEL in d["message"] and "big" in d["message"]
     assert cond(st, "Ready")["status"] == "True" and st["readyReplicas"] == 2
@@ -94,12 +140,15 @@ def test_tp1_ignores_ranks() -> None:
 
 # -- planner ---------------------------------------------------------------------------
 
+
 def test_per_rank_plan_serves_each_target_from_its_own_rank() -> None:
     sources = {0: [Peer("s0")], 1: [Peer("s1"), Peer("s1b")]}
     ts = [TargetState("t0"), TargetState("t1"), TargetState("t2")]
     p = plan_per_rank("direct", sources, ts, {"t0": 0, "t1": 1, "t2": 1})
     assert p.assign["t0"] == ("s0",) and {p.assign["t1"], p.assign["t2"]} == {("s1",), ("s1b",)}
-    chain = plan_per_rank("chain", sources, [TargetState("t0"), TargetState("u0")], {"t0": 0, "u0": 0})
+    chain = plan_per_rank(
+        "chain", sources, [TargetState("t0"), TargetState("u0")], {"t0": 0, "u0": 0}
+    )
     assert chain.assign == {"t0": ("s0",), "u0": ("t0",)}, "a chain relays within its rank"
 
 
@@ -117,17 +166,23 @@ def test_reshard_plan_gives_one_replica_per_source_rank_in_rank_order() -> None:
 
 # -- RefitJob --------------------------------------------------------------------------
 
+
 def rj(**kw: object) -> RefitJobSpec:
-    return RefitJobSpec.model_validate({"sourceRef": {"name": "src"}, "targets": {"matchLabels": {"x": "y"}},
-                                        **kw})
+    return RefitJobSpec.model_validate(
+        {"sourceRef": {"name": "src"}, "targets": {"matchLabels": {"x": "y"}}, **kw}
+    )
 
 
 def tp_source(tp: int, per_rank: int = 1, quantization: str = "none", label: str = LABEL) -> dict:
     members = [member(f"s{r}-{i}", r, f"fp{r}", "5") for r in range(tp) for i in range(per_rank)]
     st = ws_status(tp, members)
-    return {"metadata": {"name": "src"},
-            "spec": {"layout": {"tensorParallelSize": tp, "rankLabel": label, "quantization": quantization}},
-            "status": {**st, "members": members}}
+    return {
+        "metadata": {"name": "src"},
+        "spec": {
+            "layout": {"tensorParallelSize": tp, "rankLabel": label, "quantization": quantization}
+        },
+        "status": {**st, "members": members},
+    }
 
 
 def job_world(src: dict, targets: dict[str, str | None], label: str = LABEL) -> World:
@@ -144,43 +199,67 @@ def test_plain_pull_from_tp2_source_assigns_same_rank_replicas() -> None:
     d = compute_status(rj(), {}, 1, job_world(tp_source(2), {"t0": "0", "t1": "1"}))
     e = entries(d)
     assert e["t0"]["source"] == "s0-0" and e["t1"]["source"] == "s1-0"
-    assert d.status["bytesTotal"] == 2 * 1000, "each target holds one rank: half of the 2000-byte copy"
+    assert d.status["bytesTotal"] == 2 * 1000, (
+        "each target holds one rank: half of the 2000-byte copy"
+    )
 
 
 def test_reshard_assigns_every_source_rank_in_order() -> None:
-    d = compute_status(rj(transform={"type": "reshard", "targetTensorParallelSize": 1}), {}, 1,
-                       job_world(tp_source(2), {"t0": None}))
+    d = compute_status(
+        rj(transform={"type": "reshard", "targetTensorParallelSize": 1}),
+        {},
+        1,
+        job_world(tp_source(2), {"t0": None}),
+    )
     assert entries(d)["t0"]["source"] == "s0-0,s1-0", "a TP 1 target needs no rank label"
-    d = compute_status(rj(transform={"type": "reshard", "targetTensorParallelSize": 2}), {}, 1,
-                       job_world(tp_source(1), {"t0": "0", "t1": "1"}))
+    d = compute_status(
+        rj(transform={"type": "reshard", "targetTensorParallelSize": 2}),
+        {},
+        1,
+        job_world(tp_source(1), {"t0": "0", "t1": "1"}),
+    )
     assert {e["source"] for e in entries(d).values()} == {"s0-0"}
 
 
 def test_target_without_rank_label_fails_with_a_clear_reason_others_proceed() -> None:
     src = tp_source(2, label="example.com/rank")
-    d = compute_status(rj(), {}, 1, job_world(src, {"t0": "0", "bad": None, "big": "2"},
-                                              label="example.com/rank"))
+    d = compute_status(
+        rj(), {}, 1, job_world(src, {"t0": "0", "bad": None, "big": "2"}, label="example.com/rank")
+    )
     e = entries(d)
     assert e["t0"]["source"] == "s0-0"
     assert e["bad"]["phase"] == "Failed" and e["bad"]["reason"] == "MissingRankLabel"
     assert "example.com/rank" in e["bad"]["message"] and "source" not in e["bad"]
     assert e["big"]["reason"] == "RankOutOfRange" and "0..1" in e["big"]["message"]
     # t0 finishes: the job ends Failed, naming the unlabelled target's reason
-    done = {"targets": [{**e["t0"], "phase": "Done", "bytes": 1000}],
-            "version": "5", "startTime": "2026-01-01T00:00:00Z"}
-    d = compute_status(rj(), done, 1, job_world(src, {"t0": "0", "bad": None, "big": "2"},
-                                                 label="example.com/rank"))
+    done = {
+        "targets": [{**e["t0"], "phase": "Done", "bytes": 1000}],
+        "version": "5",
+        "startTime": "2026-01-01T00:00:00Z",
+    }
+    d = compute_status(
+        rj(),
+        done,
+        1,
+        job_world(src, {"t0": "0", "bad": None, "big": "2"}, label="example.com/rank"),
+    )
     failed = cond(d.status, "Failed")
     assert d.status["phase"] == "Failed" and "MissingRankLabel" in failed["message"]
 
 
 def test_fp8_block_needs_a_quantized_source() -> None:
-    d = compute_status(rj(transform={"type": "fp8-block"}), {}, 1, job_world(tp_source(1), {"t0": None}))
+    d = compute_status(
+        rj(transform={"type": "fp8-block"}), {}, 1, job_world(tp_source(1), {"t0": None})
+    )
     failed = cond(d.status, "Failed")
     assert d.status["phase"] == "Failed" and failed["reason"] == "SourceNotQuantized"
     assert "spec.layout.quantization: fp8-block" in failed["message"] and "targets" not in d.status
-    d = compute_status(rj(transform={"type": "fp8-block"}), {}, 1,
-                       job_world(tp_source(1, quantization="fp8-block"), {"t0": None}))
+    d = compute_status(
+        rj(transform={"type": "fp8-block"}),
+        {},
+        1,
+        job_world(tp_source(1, quantization="fp8-block"), {"t0": None}),
+    )
     assert d.status["phase"] == "Running" and entries(d)["t0"]["source"] == "s0-0"
 
 
@@ -189,13 +268,17 @@ def test_reshard_refuses_relay_strategies_and_double_buffer() -> None:
 
     from ferry_operator.handlers.refit_transform import refusal
 
-    for kw, reason, fix in (({"strategy": {"type": "chain"}}, "UnsupportedStrategy", "strategy.type: direct"),
-                            ({"pause": {"mode": "doubleBuffer"}}, "UnsupportedPauseMode", "pause.mode: engine")):
+    for kw, reason, fix in (
+        ({"strategy": {"type": "chain"}}, "UnsupportedStrategy", "strategy.type: direct"),
+        ({"pause": {"mode": "doubleBuffer"}}, "UnsupportedPauseMode", "pause.mode: engine"),
+    ):
         body = {"transform": {"type": "reshard", "targetTensorParallelSize": 1}, **kw}
         with pytest.raises(ValidationError, match=fix):  # the CRD's CEL rule says the same
             rj(**body)
         # An object admitted before the rule existed still fails fast, naming the fix.
-        (field, value), = kw.items()
-        unchecked = rj(transform=body["transform"]).model_copy(update={field: getattr(rj(**kw), field)})
+        ((field, value),) = kw.items()
+        unchecked = rj(transform=body["transform"]).model_copy(
+            update={field: getattr(rj(**kw), field)}
+        )
         failed = refusal(unchecked, tp_source(2))
         assert failed is not None and failed.reason == reason and fix in failed.message

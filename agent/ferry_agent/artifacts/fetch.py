@@ -158,8 +158,25 @@ def fetch_payload(
     return FetchResult(dest, m.id, m.payload_size, index, time.monotonic() - start)
 
 
-def channel(endpoint: str) -> grpc.Channel:
-    return grpc.insecure_channel(endpoint, options=GRPC_OPTIONS)
+def channel(endpoint: str, tls=None, pod: str = "") -> grpc.Channel:
+    """Plaintext (token mode), or with `tls` (auth.PeerTls, cluster mode) mTLS to pod
+    `pod`: refused (FetchFailed) before connecting unless tls.allow accepts it, and the
+    handshake fails unless the server's certificate names it."""
+    if tls is None:
+        return grpc.insecure_channel(endpoint, options=GRPC_OPTIONS)
+    from ..peerid import PodIdentity
+
+    peer = PodIdentity(tls.identity.namespace, pod)
+    why = tls.allow(peer) if pod else "the source entry names no pod"
+    if why:
+        raise FetchFailed(
+            "PERMISSION_DENIED", f"not fetching from {pod or '?'} at {endpoint}: {why}"
+        )
+    return grpc.secure_channel(
+        endpoint,
+        tls.channel_credentials(),
+        options=[*GRPC_OPTIONS, ("grpc.ssl_target_name_override", peer.dns_name)],
+    )
 
 
 def fetch(
@@ -172,13 +189,15 @@ def fetch(
     expected_id: str | None = None,
     max_bytes: int | None = None,
     timeout: float = 600.0,
+    tls=None,
+    pod: str = "",
 ) -> FetchResult:
     """Fetch the cache a peer at `endpoint` (host:port) packed for `identity`.
 
     Raises `ArtifactRejected` (bad manifest, signature, chunk) or
     `FetchFailed` (unreachable, unauthenticated, not found).
     """
-    with channel(endpoint) as ch:
+    with channel(endpoint, tls, pod) as ch:
         stub = pb_grpc.ArtifactServiceStub(ch)
         remote = get_manifest(
             stub,
@@ -202,6 +221,8 @@ def fetch_and_install(
     expected_id: str | None = None,
     max_bytes: int | None = None,
     timeout: float = 600.0,
+    tls=None,
+    pod: str = "",
     **once_kw,
 ) -> OnceResult:
     """What a target's sidecar runs before the engine starts, once per pod.
@@ -210,7 +231,7 @@ def fetch_and_install(
     rank downloads and installs under the lock while the others wait for its
     outcome. The download lives in `<into>/.ferry/` and is removed after.
     """
-    with channel(endpoint) as ch:
+    with channel(endpoint, tls, pod) as ch:
         stub = pb_grpc.ArtifactServiceStub(ch)
         remote = get_manifest(
             stub,

@@ -4,6 +4,12 @@ Same tree in, same bytes out: entries are sorted, the manifest holds no
 timestamps, owners or inode numbers, and ed25519 signatures are
 deterministic. Modes keep only the permission bits (setuid/setgid/sticky are
 dropped: targets would refuse them). Hardlinked files are stored once.
+
+A file is read only if it is the file that was scanned: every component of its path
+is opened relative to the one before with O_NOFOLLOW (a symlink swapped in for the
+file or for a directory above it, between the scan and the read, is refused rather
+than followed out of the tree), and the opened file must be a regular file with the
+scanned (st_dev, st_ino).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import google_crc32c
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -111,11 +118,19 @@ def _scan(root: Path) -> list[tuple[str, os.stat_result]]:
     return out
 
 
-def scan_tree(root: str | os.PathLike[str]) -> tuple[list[Entry], list[tuple[str, int]]]:
-    """Manifest entries (file sha256 left empty) and the (path, size) of files to read."""
+class Scanned(NamedTuple):
+    """A file to read: its path, size and (st_dev, st_ino) when scanned."""
+
+    path: str
+    size: int
+    inode: tuple[int, int]
+
+
+def scan_tree(root: str | os.PathLike[str]) -> tuple[list[Entry], list[Scanned]]:
+    """Manifest entries (file sha256 left empty) and the files to read."""
     root = Path(root)
     entries: list[Entry] = []
-    reads: list[tuple[str, int]] = []
+    reads: list[Scanned] = []
     first_of_inode: dict[tuple[int, int], str] = {}
     for path, st in _scan(root):
         try:
@@ -132,7 +147,7 @@ def scan_tree(root: str | os.PathLike[str]) -> tuple[list[Entry], list[tuple[str
                 continue
             first_of_inode[inode] = path
             entries.append(Entry(path, FILE, stat.S_IMODE(mode) & 0o777, st.st_size))
-            reads.append((path, st.st_size))
+            reads.append(Scanned(path, st.st_size, inode))
         elif stat.S_ISLNK(mode):
             target = os.readlink(root / path)
             try:
@@ -143,6 +158,33 @@ def scan_tree(root: str | os.PathLike[str]) -> tuple[list[Entry], list[tuple[str
         else:
             raise PackError(path, "special file (device, fifo or socket) cannot be packed")
     return entries, reads
+
+
+def open_scanned(root: Path, rel: str, inode: tuple[int, int]) -> int:
+    """A read-only fd of `root/rel`, opened without following any symlink, that is the
+    regular file with `inode` (st_dev, st_ino); PackError otherwise. The caller closes it."""
+    parts = rel.split("/")
+    fds: list[int] = []
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        fds.append(fd)
+        for name in parts[:-1]:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            fds.append(fd)
+        # O_NONBLOCK: a fifo swapped in must not block the open (it is refused below)
+        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+    except OSError as exc:
+        raise PackError(
+            rel, f"changed while packing (a symlink or a missing file on its path: {exc.strerror})"
+        ) from None
+    finally:
+        for d in fds:
+            os.close(d)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != inode:
+        os.close(fd)
+        raise PackError(rel, "is not the file that was scanned (replaced while packing)")
+    return fd
 
 
 def pack(
@@ -159,7 +201,8 @@ def pack(
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise PackError(str(src), "not a directory")
-    entries, _ = scan_tree(src)
+    entries, reads = scan_tree(src)
+    inodes = {r.path: r.inode for r in reads}
     crc = ChunkCrc(chunk_size)
     payload_size = 0
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
@@ -172,7 +215,7 @@ def pack(
                     continue
                 h = hashlib.sha256()
                 left = e.size
-                with open(src / e.path, "rb", buffering=0) as f:
+                with os.fdopen(open_scanned(src, e.path, inodes[e.path]), "rb", buffering=0) as f:
                     while left:
                         block = f.read(min(left, READ_BLOCK))
                         if not block:

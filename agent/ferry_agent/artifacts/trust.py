@@ -5,8 +5,9 @@ sha256 and chunk crc32c, so one 64-byte signature authenticates the whole
 cache. Keys are PEM files (PKCS#8 private, SubjectPublicKeyInfo public); in a
 cluster the private key is mounted from a Secret on source pods only.
 
-Without a public key configured, targets accept unsigned caches: peers are
-then trusted, and a compromised peer can hand out executable kernels.
+Without a public key, `verifier` returns None and any archive is accepted: the
+agent only does that under ArtifactCache `spec.trust.allowUnsigned` (k8s/artifacts.py),
+and then a compromised peer can hand out executable kernels.
 """
 
 from __future__ import annotations

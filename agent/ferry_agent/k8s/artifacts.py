@@ -16,6 +16,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,16 +56,34 @@ def _has_files(path: Path) -> bool:
     return path.is_dir() and any(p.is_file() for p in path.rglob("*"))
 
 
+class ArtifactStoreError(RuntimeError):
+    pass
+
+
+def store_dir(env: Mapping[str, str]) -> str:
+    """FERRY_ARTIFACT_STORE, else a new temporary directory (local processes, tests).
+    In a container with a read-only root and no /tmp volume there is none: say which
+    variable to set instead of tempfile's "No usable temporary directory"."""
+    given = env.get("FERRY_ARTIFACT_STORE")
+    if given:
+        return given
+    try:
+        return tempfile.mkdtemp(prefix="ferry-artifacts-")
+    except OSError as exc:  # FileNotFoundError: "No usable temporary directory"
+        raise ArtifactStoreError(
+            "FERRY_ARTIFACT_STORE is unset and there is no writable temporary directory "
+            f"({exc}): set FERRY_ARTIFACT_STORE to a writable volume (the injected sidecar "
+            "mounts an emptyDir at /var/lib/ferry/artifacts)"
+        ) from exc
+
+
 class ArtifactAgent:
     def __init__(self, agent: Any, poll_s: float = 2.0) -> None:
         """Registers the artifact gRPC service and the startup gate: call before agent.start()."""
         self.agent = agent
         self.poll_s = poll_s
         self.dirs = cache_dirs()
-        store = os.environ.get("FERRY_ARTIFACT_STORE") or tempfile.mkdtemp(
-            prefix="ferry-artifacts-"
-        )
-        self.store = ArtifactStore(store)
+        self.store = ArtifactStore(store_dir(os.environ))
         self.trust_dir = Path(os.environ.get("FERRY_TRUST_DIR", "/etc/ferry/trust"))
         self.ident: PodIdentity | None = None
         self.api: client.ApiClient | None = None
@@ -128,7 +147,7 @@ class ArtifactAgent:
     def _as_source(self, ac: dict[str, Any]) -> None:
         spec = ArtifactCacheSpec.model_validate(ac["spec"])
         key = None
-        if spec.trust:
+        if spec.trust and spec.trust.secret_ref:
             path = self.trust_dir / spec.trust.secret_ref / PRIVATE_KEY
             if not path.exists():
                 self._report(
@@ -202,16 +221,10 @@ class ArtifactAgent:
             else:
                 self._report(ac, {"role": "target", "state": "Waiting"})
             return
-        pubkey = None
-        if spec.trust:
-            path = self.trust_dir / spec.trust.secret_ref / spec.trust.key
-            if path.exists():
-                pubkey = load_public_key(path)
-            elif spec.trust.required:
-                self._give_up(
-                    ac, "TrustKeyMissing", f"spec.trust is required but {path} is not mounted"
-                )
-                return
+        pubkey, refusal = self._trust_key(spec)
+        if refusal is not None:
+            self._give_up(ac, *refusal)
+            return
         self._report(ac, {"role": "target", "state": "Installing"})
         installed = []
         try:
@@ -233,6 +246,8 @@ class ArtifactAgent:
                     max_bytes=spec.max_bytes,
                     timeout=max(5.0, deadline - time.monotonic()),
                     wait_timeout=max(5.0, deadline - time.monotonic()),
+                    tls=self.agent.tls,
+                    pod=str(source.get("pod") or ""),
                 )
                 if not result.ok:
                     raise ArtifactRejected(
@@ -248,13 +263,50 @@ class ArtifactAgent:
         except IdentityError as exc:
             self._give_up(ac, "InvalidIdentity", str(exc))
             return
-        self._report(ac, {"role": "target", "state": "Installed", "caches": installed})
+        # Trusted=False: accepted with no signature checked (spec.trust.allowUnsigned)
+        self._report(
+            ac,
+            {
+                "role": "target",
+                "state": "Installed",
+                "caches": installed,
+                "trusted": pubkey is not None,
+            },
+        )
         self._settled[uid] = True
         log.info(
             "installed %s into %s",
             want[:19],
             ", ".join(str(self.dirs[c["kind"]]) for c in installed),
         )
+
+    def _trust_key(self, spec: ArtifactCacheSpec) -> tuple[Any, tuple[str, str] | None]:
+        """The public key to verify with (None: unsigned caches are accepted), or why
+        nothing may be installed. Unsigned caches need spec.trust.allowUnsigned: a cache
+        holds .so files and Python the engine runs."""
+        trust = spec.trust
+        if trust is None:
+            return None, (
+                "UnsignedNotAllowed",
+                "spec.trust is not set: caches are refused; set spec.trust.secretRef "
+                "(signed caches) or spec.trust.allowUnsigned: true (unsigned caches)",
+            )
+        if trust.secret_ref:
+            path = self.trust_dir / trust.secret_ref / trust.key
+            if path.exists():
+                return load_public_key(path), None
+            if not trust.allow_unsigned:
+                return None, (
+                    "TrustKeyMissing",
+                    f"spec.trust.secretRef is set but {path} is not mounted "
+                    "(spec.trust.allowUnsigned is not true)",
+                )
+        elif not trust.allow_unsigned:  # the CRD's rule refuses this; kept for old objects
+            return None, (
+                "UnsignedNotAllowed",
+                "spec.trust has no secretRef and spec.trust.allowUnsigned is not true",
+            )
+        return None, None
 
     def _give_up(self, ac: dict[str, Any], reason: str, message: str) -> None:
         log.warning(
@@ -270,8 +322,9 @@ class ArtifactAgent:
         entry = {"pod": self.ident.pod, "endpoint": self.ident.endpoint, **entry}
         if self._written.get(name) == entry:
             return
-        ssa.apply_status(self.api, ArtifactCache, self.ident.namespace, name,
-                         {"members": [entry]}, self.manager)
+        ssa.apply_status(
+            self.api, ArtifactCache, self.ident.namespace, name, {"members": [entry]}, self.manager
+        )
         self._written[name] = entry
 
 

@@ -22,11 +22,15 @@ from typing import Any, cast
 
 import urllib3
 from kubernetes import client, watch
+from pydantic import ValidationError
 
-from ferry_api import GROUP, VERSION, leases, ssa
+from ferry_api import GROUP, VERSION, leases, ssa, times
+from ferry_api.leases import Assignment, Report
+from ferry_api.ranks import RankAddress
 from ferry_api.weightsource import WeightSource
 
 from ..errors import Cancelled, FerryError
+from .job_decision import Running, decide
 from .reporter import Identity
 from .transforms import TransformPulls
 
@@ -39,10 +43,6 @@ TRANSIENT = (0, 404, 408, 409, 429, 500, 502, 503, 504)
 FINAL_RETRY_S, FINAL_RETRY_MAX_S = 0.2, 5.0
 # The server ends each watch of the Lease after this long; the agent lists and watches again.
 WATCH_TIMEOUT_S = 60
-# Reports kept on the Lease after their assignment is gone, newest first: a downstream
-# target of a chain or tree finds its upstream's endpoint and outcome there, and a
-# deleted job's finalizer folds the cancellation into the job.
-KEEP_REPORTS = 8
 
 
 class UpstreamNotReady(FerryError):
@@ -85,6 +85,8 @@ class JobRunner:
         self._finished: list[str] = []  # job uids with a final report, oldest first
         self._loop_thread: threading.Thread | None = None
         self.pulls = TransformPulls(agent, ident, api)  # spec.transform: plain or reshard
+        # Others reading this Lease's annotations from the same watch (k8s/following.py).
+        self.listeners: list[Callable[[dict[str, str]], None]] = []
 
     def start(self) -> JobRunner:
         threading.Thread(target=self._watch, name="ferry-jobs-watch", daemon=True).start()
@@ -138,6 +140,11 @@ class JobRunner:
 
     def _saw(self, annotations: dict[str, str] | None) -> None:
         self._annotations = dict(annotations or {})
+        for listener in self.listeners:
+            try:
+                listener(self._annotations)
+            except Exception:
+                log.exception("Lease annotation listener failed")
         self._wake.set()
 
     def _loop(self) -> None:
@@ -152,126 +159,106 @@ class JobRunner:
                 log.warning("refit assignment check failed: %s", exc)
 
     def _tick(self) -> None:
-        seen = self._annotations
-        assigned = leases.read(seen, leases.ASSIGN)
-        reports = leases.read(seen, leases.REPORT)
         cur = self._current
         if cur is not None and not cur.thread.is_alive():
             self._current = cur = None
-        if cur is not None:
-            now = assigned.get(cur.uid)
-            if now is None or _int(now.get("attempt")) > cur.number:
-                cur.cancel.set()  # job ended or deleted, or re-assigned under us
-        self._prune(assigned, reports, cur)
-        if cur is not None:
-            return
-        for uid, job in sorted(assigned.items(), key=lambda kv: str(kv[1].get("startTime"))):
-            number, mine = _int(job.get("attempt")), reports.get(uid) or {}
-            if number < 1 or not isinstance(job.get("spec"), dict):
-                continue
-            if (
-                mine.get("phase") == "Pulling"
-                and _int(mine.get("attempt")) == number
-                and self._seen.get(uid, 0) < number
-            ):
-                # A previous run of this agent (killed or restarted) took this attempt:
-                # nobody pulls it now. Fail it, so that the operator retries it and a
-                # deleted job's finalizer is not held for a pull that cannot end.
-                self._seen[uid] = number
-                log.warning("refit %s attempt %d was left by a previous run of this agent",
-                            job.get("job"), number)
-                self._fail(uid, {"attempt": number, "endpoint": self.ident.endpoint},
-                           "AgentRestarted",
-                           "the agent restarted during this attempt; its slabs hold no version")
-                continue
-            answered = _int(mine.get("attempt")) if mine.get("phase") in FINAL else 0
-            if number <= max(self._seen.get(uid, 0), answered):
-                continue
-            self._seen[uid] = number
-            cancel = threading.Event()
-            name = str(job.get("job"))
-            thread = threading.Thread(
-                target=self._attempt,
-                args=(uid, job, number, cancel),
-                name=f"ferry-pull-{name}",
-                daemon=True,
-            )
-            self._current = Attempt(name, uid, number, thread, cancel)
-            thread.start()
-            return
-
-    def _prune(self, assigned: dict[str, Any], reports: dict[str, Any], cur: Attempt | None) -> None:
-        """Drop the reports whose assignment is gone (the operator folded them, or the job
-        ended) beyond the KEEP_REPORTS newest."""
-        gone = [u for u in reports if u not in assigned and (cur is None or cur.uid != u)]
-        # Oldest first: those of a previous run of this agent, then in the order finished here.
-        gone.sort(key=lambda u: self._finished.index(u) if u in self._finished else -1)
-        drop = gone[: max(0, len(gone) - KEEP_REPORTS)]
-        if drop:
+        nxt = decide(
+            self._annotations,
+            Running(cur.uid, cur.number) if cur else None,
+            self._seen,
+            self._finished,
+        )
+        self._seen = dict(nxt.seen)
+        if nxt.cancel and cur is not None:
+            cur.cancel.set()
+        if nxt.prune:
             try:
-                self._patch({leases.REPORT + u: None for u in drop})
+                self._patch({leases.REPORT + u: None for u in nxt.prune})
             except Exception as exc:  # the next tick tries again
                 log.debug("could not prune reports: %s", exc)
+        for f in nxt.fail:
+            log.warning(
+                "refit job %s attempt %d not run: %s: %s", f.uid, f.attempt, f.reason, f.message
+            )
+            self._fail(
+                f.uid,
+                Report(attempt=f.attempt, phase="Failed", endpoint=self.ident.endpoint),
+                f.reason,
+                f.message,
+            )
+        if nxt.start is not None:
+            uid, job = nxt.start
+            cancel = threading.Event()
+            thread = threading.Thread(
+                target=self._attempt,
+                args=(uid, job, cancel),
+                name=f"ferry-pull-{job.job}",
+                daemon=True,
+            )
+            self._current = Attempt(job.job, uid, job.attempt, thread, cancel)
+            thread.start()
 
     # -- one attempt -------------------------------------------------------------
-    def _attempt(self, uid: str, job: dict[str, Any], number: int, cancel: threading.Event) -> None:
-        name, spec = str(job["job"]), job["spec"]
+    def _attempt(self, uid: str, job: Assignment, cancel: threading.Event) -> None:
+        name, spec, number = job.job, job.spec, job.attempt
         started = time.monotonic()
-        report = {"attempt": number, "endpoint": self.ident.endpoint}
+        report = Report(attempt=number, phase="Pulling", endpoint=self.ident.endpoint, bytes=0)
+        # Pulling is written by the progress writer, beside the pull: off the attempt's path.
         progress = _ProgressWriter(self, uid, report, self.progress_interval_s)
         try:
-            self._write(uid, {**report, "phase": "Pulling", "bytes": 0})
-            upstream = [p for p in str(job.get("source") or "").split(",") if p]
-            deadline = started + max(1.0, _remaining(job.get("startTime"), spec))
-            endpoints, relay = self._endpoints(uid, spec, upstream, cancel, deadline)
-            pause = spec.get("pause") or {}
-            mode = pause.get("mode", "engine")
             progress.start()
+            deadline = started + max(1.0, _remaining(job))
             try:
+                endpoints, relay = self._endpoints(uid, job, cancel, deadline)
+                ranks = rank_sources(job, endpoints)
+                mode = spec.pause.mode
+                pulling = time.monotonic()  # `seconds` is the pull's, not the reads before it
                 result = self.pulls.pull(
                     spec,
                     endpoints,
-                    version=job.get("version"),
+                    version=job.version,
                     timeout_s=max(1.0, deadline - time.monotonic()),
-                    chunk_bytes=(spec.get("strategy") or {}).get("chunkBytes"),
+                    chunk_bytes=spec.strategy.chunk_bytes,
                     quiesce=mode != "none",
-                    quiesce_timeout_s=float(pause.get("timeoutSeconds", 30)),
+                    quiesce_timeout_s=float(spec.pause.timeout_seconds),
                     max_gbps=self.max_gbps,
                     cancel=cancel,
                     progress=progress.update,
                     relay=relay,
                     double_buffer=mode == "doubleBuffer",
+                    verify=spec.verify,
+                    ranks=ranks,
                 )
             finally:
                 progress.stop()  # no Pulling write may land after the final one
             if cancel.is_set():
                 raise Cancelled("the job was deleted or re-assigned during the pull")
+            seconds = min(round(time.monotonic() - pulling, 3), leases.MAX_SECONDS)
             self._report(
                 uid,
-                {
-                    **report,
-                    "phase": "Done",
-                    "bytes": int(result.bytes),
-                    "seconds": round(time.monotonic() - started, 3),
-                },
+                report.model_copy(
+                    update={"phase": "Done", "bytes": int(result.bytes), "seconds": seconds}
+                ),
             )
             log.info(
                 "refit %s attempt %d: %d bytes from %s%s in %.2fs",
                 name,
                 number,
                 result.bytes,
-                ",".join(upstream),
+                job.source,
                 " (relay: followed while it pulled)" if relay else "",
                 time.monotonic() - started,
             )
         except FerryError as exc:
             log.warning("refit %s attempt %d failed: %s: %s", name, number, exc.reason, exc.message)
-            self._fail(uid, {**report, "bytes": progress.bytes}, exc.reason, exc.message)
+            self._fail(
+                uid, report.model_copy(update={"bytes": progress.bytes}), exc.reason, exc.message
+            )
         except Exception as exc:  # an unexpected error must still end the attempt visibly
             log.exception("refit %s attempt %d crashed", name, number)
             self._fail(
                 uid,
-                {**report, "bytes": progress.bytes},
+                report.model_copy(update={"bytes": progress.bytes}),
                 "AgentError",
                 f"{type(exc).__name__}: {exc}",
             )
@@ -281,19 +268,22 @@ class JobRunner:
             if self.on_done:
                 self.on_done()
 
-    def _fail(self, uid: str, report: dict[str, Any], reason: str, message: str) -> None:
+    def _fail(self, uid: str, report: Report, reason: str, message: str) -> None:
         self._report(
-            uid, {**report, "phase": "Failed", "reason": reason, "message": message[:1000]}
+            uid,
+            Report.model_validate(
+                {**report.wire(), "phase": "Failed", "reason": reason, "message": message}
+            ),
         )
 
-    def _report(self, uid: str, fields: dict[str, Any]) -> None:
+    def _report(self, uid: str, report: Report) -> None:
         """An attempt's last word (Done or Failed), retried while the apiserver cannot take
         it: an attempt left Pulling would hold the job until its deadline, and nothing else
         would ever report it. A stopping agent gives up."""
         delay = FINAL_RETRY_S
         while True:
             try:
-                self._write(uid, fields)
+                self.write_report(uid, report)
                 return
             except client.ApiException as exc:
                 if exc.status not in TRANSIENT:
@@ -304,7 +294,7 @@ class JobRunner:
             log.warning(
                 "report on job %s (%s) not written, retrying in %.1fs: %s",
                 uid,
-                fields.get("phase"),
+                report.phase,
                 delay,
                 err,
             )
@@ -313,20 +303,19 @@ class JobRunner:
             delay = min(2 * delay, FINAL_RETRY_MAX_S)
 
     def _endpoints(
-        self,
-        uid: str,
-        spec: dict[str, Any],
-        pods: list[str],
-        cancel: threading.Event,
-        deadline: float,
+        self, uid: str, job: Assignment, cancel: threading.Event, deadline: float
     ) -> tuple[list[str], bool]:
         """Upstream pods to gRPC endpoints, and whether to follow the upstream as a relay.
 
-        Source replicas come from the WeightSource; other targets from their own
-        Lease's report on this job: once Done, or for strategy chain as soon as they
-        are Pulling (their endpoint is in the report then), followed chunk by chunk
-        (relay)."""
+        Source replicas come from the WeightSource; other targets from the assignment
+        (the operator puts the endpoints of upstream targets it has seen there; for
+        chain it may add one while this attempt waits) or else from their own Lease's
+        report on this job: once Done, or for strategy chain as soon as they are
+        Pulling, followed chunk by chunk (relay)."""
         api = client.CustomObjectsApi(self.api)
+        pods = list(job.upstream)
+        chain = job.spec.strategy.type == "chain" and len(pods) == 1
+        serving = ("Done", "Pulling") if chain else ("Done",)
         while True:
             ws = _obj(
                 api.get_namespaced_custom_object(
@@ -334,20 +323,23 @@ class JobRunner:
                     VERSION,
                     self.ident.namespace,
                     WeightSource.PLURAL,
-                    spec["sourceRef"]["name"],
+                    job.spec.source_ref.name,
                 )
             )
             members = {m["pod"]: m for m in (ws.get("status") or {}).get("members") or []}
-            chain = (spec.get("strategy") or {}).get("type") == "chain" and len(pods) == 1
-            serving = ("Done", "Pulling") if chain else ("Done",)
+            known = self._assigned_endpoints(uid, job)
             out, missing, relay = [], [], False
             for pod in pods:
                 if pod in members and members[pod].get("endpoint"):
-                    out.append(members[pod]["endpoint"])
+                    out.append(self._address(pod, members[pod]["endpoint"]))
+                    continue
+                if pod in known:
+                    out.append(self._address(pod, known[pod]))
+                    relay = chain
                     continue
                 theirs = self._report_of(pod, uid)
-                if theirs.get("phase") in serving and theirs.get("endpoint"):
-                    out.append(str(theirs["endpoint"]))
+                if theirs is not None and theirs.phase in serving and theirs.endpoint:
+                    out.append(self._address(pod, theirs.endpoint))
                     relay = chain
                 else:
                     missing.append(pod)
@@ -359,34 +351,52 @@ class JobRunner:
                 raise UpstreamNotReady(f"upstream not serving: {', '.join(missing)}")
             time.sleep(min(self.poll_s, 0.2))  # an upstream target that has not started
 
-    def _report_of(self, pod: str, uid: str) -> dict[str, Any]:
-        """Another target's report on job `uid`, from its agent's Lease ({} if none)."""
+    def _address(self, pod: str, endpoint: str) -> str:
+        """In cluster mode (mTLS) the pod is part of the address: the peer is dialled only
+        as that pod (its certificate must name it), and only if it is related to ours
+        (k8s/peerpolicy.py). An endpoint string alone is never trusted."""
+        return f"{pod}@{endpoint}" if getattr(self.agent, "tls", None) is not None else endpoint
+
+    def _assigned_endpoints(self, uid: str, job: Assignment) -> dict[str, str]:
+        """Upstream targets' endpoints from the latest assignment of this attempt."""
+        raw = leases.read(self._annotations, leases.ASSIGN).get(uid)
+        if raw is not None and leases.attempt_of(raw) == job.attempt:
+            try:
+                job = Assignment.from_annotation(raw)
+            except ValidationError:
+                pass
+        return dict(job.endpoints or {})
+
+    def _report_of(self, pod: str, uid: str) -> Report | None:
+        """Another target's report on job `uid`, from its agent's Lease."""
         try:
             lease = client.CoordinationV1Api(self.api).read_namespaced_lease(
                 leases.lease_name(pod), self.ident.namespace
             )
         except client.ApiException as exc:
             if exc.status == 404:
-                return {}
+                return None
             raise
-        return leases.read(lease.metadata.annotations, leases.REPORT).get(uid) or {}
+        return Report.parse(leases.read(lease.metadata.annotations, leases.REPORT).get(uid))
 
-    def _write(self, uid: str, fields: dict[str, Any]) -> None:
+    def write_report(self, uid: str, report: Report) -> None:
         """This pod's report on job `uid`: one small merge patch of its own Lease."""
-        self._patch({leases.REPORT + uid: leases.encode(fields)})
+        self._patch({leases.REPORT + uid: report.encode()})
 
     def _patch(self, annotations: dict[str, str | None]) -> None:
         leases.patch(self.api, self.ident.namespace, self.ident.pod, annotations, ssa.AGENT_MANAGER)
 
 
 class _ProgressWriter:
-    """Reports `bytes` on this pod's Lease at most once per interval while a pull runs.
-    The pull only records the latest count (update); the writing happens here."""
+    """Reports Pulling on this pod's Lease as the attempt starts, then `bytes` at most
+    once per interval while the pull runs. The pull only records the latest count
+    (update); the writing happens here, so no write waits on the apiserver in the
+    attempt's path, and stop() joins a write in flight: the final report lands last."""
 
-    def __init__(self, runner: JobRunner, uid: str, report: dict[str, Any], interval: float):
+    def __init__(self, runner: JobRunner, uid: str, report: Report, interval: float):
         self.runner, self.uid, self.report, self.interval = runner, uid, report, interval
         self.bytes = 0
-        self._written = 0
+        self._written = -1  # nothing yet: the first pass writes Pulling
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._loop, name=f"ferry-progress-{uid}", daemon=True
@@ -404,20 +414,38 @@ class _ProgressWriter:
             self._thread.join(10)
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._stop.is_set():
             done = self.bytes
-            if done == self._written:
-                continue
-            try:
-                self.runner._write(self.uid, {**self.report, "phase": "Pulling", "bytes": done})
-                self._written = done
-            except Exception as exc:  # progress is best effort; the final write is not
-                log.debug("progress report on job %s: %s", self.uid, exc)
+            if done != self._written:
+                try:
+                    self.runner.write_report(
+                        self.uid, self.report.model_copy(update={"bytes": done})
+                    )
+                    self._written = done
+                except Exception as exc:  # progress is best effort; the final write is not
+                    log.debug("progress report on job %s: %s", self.uid, exc)
+            if self._stop.wait(self.interval):
+                return
 
 
-def _int(value: Any) -> int:
-    """A count from an annotation anyone could edit; anything else counts as 0."""
-    return leases.count(value) or 0
+def rank_sources(job: Assignment, endpoints: list[str]) -> list[list[str]] | None:
+    """With ranks inside pods, each local rank's sources as agent addresses (host:port/r,
+    request.SourceAddress); `endpoints` are those of job.upstream, in its order. None
+    when the assignment has no per-rank part (a pod of one rank, pulling from pods of one
+    rank)."""
+    if not job.ranks:
+        return None
+    of = dict(zip(job.upstream, endpoints, strict=True))
+    out: list[list[str]] = [[] for _ in job.ranks]
+    for r in sorted(job.ranks, key=lambda r: r.local_rank):
+        if r.local_rank >= len(out):
+            raise FerryError(
+                f"assignment ranks: local rank {r.local_rank} out of 0..{len(out) - 1}"
+            )
+        for a in r.sources:
+            addr = RankAddress.parse(a)
+            out[r.local_rank].append(of[addr.pod] + (f"/{addr.local}" if addr.local else ""))
+    return out
 
 
 def _obj(value: object) -> dict[str, Any]:
@@ -425,11 +453,10 @@ def _obj(value: object) -> dict[str, Any]:
     return cast(dict[str, Any], value)
 
 
-def _remaining(start: str | None, spec: dict[str, Any]) -> float:
-    from datetime import UTC, datetime
-
-    timeout = float(spec.get("timeoutSeconds", 600))
-    if not start:
+def _remaining(job: Assignment) -> float:
+    """Seconds left of the job's spec.timeoutSeconds, counted from its start."""
+    began = times.parse(job.start_time)
+    timeout = float(job.spec.timeout_seconds)
+    if began is None:
         return timeout
-    began = datetime.fromisoformat(start.replace("Z", "+00:00"))
-    return timeout - (datetime.now(UTC) - began).total_seconds()
+    return timeout - (times.now() - began).total_seconds()

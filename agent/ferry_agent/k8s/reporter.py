@@ -20,9 +20,9 @@ from typing import Any
 
 from kubernetes import client
 
-from ferry_api import GROUP, VERSION, leases, ssa
+from ferry_api import GROUP, VERSION, leases, ssa, times
 from ferry_api.meta import selector_matches
-from ferry_api.weightsource import WeightSource
+from ferry_api.weightsource import ReplicaStatus, WeightSource
 
 log = logging.getLogger(__name__)
 LEASE_LABEL = leases.LEASE_LABEL
@@ -30,11 +30,27 @@ LEASE_LABEL = leases.LEASE_LABEL
 # Agent.state -> ReplicaStatus.state
 STATES = {
     "Ready": "Ready",
+    "NoVersion": "NoVersion",  # a pull failed after writing: `reason` says which
     "Empty": "Loading",
     "Declared": "Loading",
     "Writing": "Loading",
     "Pulling": "Loading",
+    "Failed": "Failed",  # a local rank's declare failed (allocation, registration, too large)
 }
+
+
+# What the entry takes from the agent's info (runtime.agent_info).
+REPORTED = (
+    "version",
+    "fingerprint",
+    "digest",
+    "tensors",
+    "bytes",
+    "rank",
+    "reason",
+    "localRanks",
+    "ranks",
+)
 
 
 @dataclass(frozen=True)
@@ -46,7 +62,7 @@ class Identity:
 
 
 def _stamp(t: dt.datetime) -> str:
-    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return times.stamp(t, micro=True)
 
 
 class Reporter:
@@ -69,6 +85,9 @@ class Reporter:
         self._closing = False
         self._wake = threading.Event()
         self._last: dict[str, dict[str, Any]] = {}
+        self._known: list[str] | None = (
+            None  # the WeightSources selecting this pod, at the last renewal
+        )
         self._thread: threading.Thread | None = None
         self.renewals = 0
 
@@ -106,26 +125,36 @@ class Reporter:
     # -- loop --------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
-            self._wake.wait(self.renew_seconds)
+            poked = self._wake.wait(self.renew_seconds)
             self._wake.clear()
             with self._lock:
                 if self._closing:
                     return
             try:
-                self._beat()
+                self._beat(poked)
             except Exception as exc:  # keep beating; the Lease expiring tells the operator
                 log.warning("heartbeat failed: %s", exc)
 
-    def _beat(self) -> None:
+    def _beat(self, poked: bool = False) -> None:
+        """A renewal: the Lease, then this replica's entry in each WeightSource selecting
+        it. After a poke (a publish) the entries go first, to the WeightSources found at
+        the last renewal: a job waiting for the version reads it there, and the Lease
+        write and the two reads that find the WeightSources were three round trips
+        before it (a new WeightSource is found at the next renewal)."""
         with self._lock:
             if self._closing:
                 return
-            self._renew()
+            quick = poked and self._known is not None
+            if not quick:
+                self._renew()
+                self._known = self._sources()
             entry = self._entry()
-            for ws in self._sources():
+            for ws in self._known or []:
                 if self._last.get(ws) != entry or self.renewals % 12 == 0:
                     self._apply_entry(ws, entry)
                     self._last[ws] = entry
+            if quick:
+                self._renew()
             self.renewals += 1
 
     # -- writes ------------------------------------------------------------------
@@ -154,21 +183,30 @@ class Reporter:
         )
 
     def _entry(self) -> dict[str, Any]:
+        """This pod's entry (ReplicaStatus, validated here), less its key `pod`."""
         info = self.info()
-        entry: dict[str, Any] = {
-            "state": STATES.get(info.get("state", ""), "Loading"),
-            "endpoint": self.ident.endpoint,
-        }
-        if self.ident.node:
-            entry["node"] = self.ident.node
-        for key in ("version", "fingerprint", "tensors", "bytes", "rank"):
-            if info.get(key) not in (None, ""):
-                entry[key] = info[key]
+        fields = {key: info[key] for key in REPORTED if info.get(key) not in (None, "")}
+        fields["state"] = STATES.get(info.get("state", ""), info.get("state")) or "Loading"
+        entry = ReplicaStatus.model_validate(
+            {
+                "pod": self.ident.pod,
+                "endpoint": self.ident.endpoint,
+                "node": self.ident.node or None,
+                **fields,
+            }
+        ).wire()
+        entry.pop("pod")
         return entry
 
     def _apply_entry(self, ws: str, entry: dict[str, Any]) -> None:
-        ssa.apply_status(self.api, WeightSource, self.ident.namespace, ws,
-                         {"members": [{"pod": self.ident.pod, **entry}]}, self.manager)
+        ssa.apply_status(
+            self.api,
+            WeightSource,
+            self.ident.namespace,
+            ws,
+            {"members": [{"pod": self.ident.pod, **entry}]},
+            self.manager,
+        )
 
     # -- reads -------------------------------------------------------------------
     def _sources(self) -> list[str]:

@@ -3,33 +3,43 @@
 - none / fp8-block: a plain Agent.pull (an fp8-block source already publishes FP8
   weights with their block scales; the operator refuses the job otherwise).
 - reshard: this target is rank r of spec.transform.targetTensorParallelSize T and
-  its entry names one source replica per source rank, in rank order. A
-  ReshardPuller builds rank r's shard from them. It is kept across refit cycles
-  (jobs) so its plan, prepared descriptor lists and scratch are reused; its own
-  cache key (sources' manifests, endpoints, our layout and slab generation, chunk
-  size) re-plans whenever any of them changes, and a new (r, T) gets a new puller.
+  its entry names one source replica per source rank, in rank order; the pull
+  request says so (request.Reshard) and the agent's ReshardPull builds rank r's
+  shard from them (kept across jobs: see transform/reshard_pull.py).
 
 r is this pod's label named by the WeightSource's spec.layout.rankLabel, read at
 each attempt, as the operator reads it (a TP 1 target needs no label).
+
+Ranks inside pods (the assignment's `ranks`, ferry_api.ranks): each local rank l of
+this pod pulls its own group of upstream ranks, all at once (each its own NIXL agents
+and slabs); for reshard it builds global rank p * L + l of T (p: the rank label, L:
+this agent's local ranks). The attempt fails if any rank fails, with that rank named
+(the first failing local rank's reason). Every pull is
+bounded by the WeightSource's status (source_bounds: a fresh target adopts no layout
+larger than status.bytes, nor one whose fingerprint is not status.fingerprint).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, cast
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeAlias
 
 from kubernetes import client
 
 from ferry_api import GROUP, VERSION
-from ferry_api.weightsource import WeightSource
+from ferry_api.objects import Object, read
+from ferry_api.refitjob import RefitJobSpec
+from ferry_api.weightsource import WeightSource, WeightSourceSpec, WeightSourceStatus
 
 from ..errors import FerryError
-from ..transform.reshard_pull import ReshardPuller
+from ..request import PullRequest, Reshard
 from .reporter import Identity
 
 log = logging.getLogger(__name__)
-DEFAULT_RANK_LABEL = "ferry.dev/tp-rank"
+Source: TypeAlias = Object[WeightSourceSpec, WeightSourceStatus]
 
 
 class MissingRankLabel(FerryError):
@@ -44,6 +54,30 @@ class UnsupportedTransform(FerryError):
     reason = "UnsupportedTransform"
 
 
+class RanksMismatch(FerryError):
+    reason = "RanksMismatch"
+
+
+@dataclass(frozen=True)
+class RanksResult:
+    """The pulls of every local rank of one attempt (`results` in local-rank order)."""
+
+    results: tuple[Any, ...]
+
+    @property
+    def bytes(self) -> int:
+        return sum(int(r.bytes) for r in self.results)
+
+
+def on_rank(exc: FerryError, local: int, rank: int | None) -> FerryError:
+    """`exc` as the failure of local rank `local` (global `rank`): same reason, the rank
+    named first in the message."""
+    where = f"local rank {local}" + (f" (rank {rank})" if rank is not None else "")
+    out = FerryError(f"{where}: {exc.message}", **{**exc.fields, "local_rank": local})
+    out.reason = exc.reason
+    return out
+
+
 def target_rank(labels: dict[str, str], label: str, tp: int) -> int:
     """This target's rank in 0..tp-1 from its pod label (0 for tp 1 without one)."""
     value = labels.get(label)
@@ -52,67 +86,157 @@ def target_rank(labels: dict[str, str], label: str, tp: int) -> int:
             return 0
         raise MissingRankLabel(
             f"pod has no label {label}: label it with its tensor-parallel rank 0..{tp - 1} "
-            "(the label is the WeightSource's spec.layout.rankLabel)", label=label)
+            "(the label is the WeightSource's spec.layout.rankLabel)",
+            label=label,
+        )
     if not value.isdigit() or int(value) >= tp:
         raise RankOutOfRange(f"label {label}={value} is not a rank in 0..{tp - 1}", label=label)
     return int(value)
 
 
+def source_bounds(ws: Source, *, reshard: bool) -> dict[str, Any]:
+    """PullRequest bounds from the WeightSource's status (bounds.py): its bytes (one
+    full copy: every shard and every rank's replica fits in it) and, for a TP 1 source
+    pulled as is, its fingerprint (a TP > 1 one, tp<S>:..., is no replica's; a reshard
+    builds a layout of its own)."""
+    out: dict[str, Any] = {}
+    if ws.status.bytes:
+        out["max_bytes"] = ws.status.bytes
+    if not reshard and ws.spec.layout.tensor_parallel_size == 1 and ws.status.fingerprint:
+        out["fingerprint"] = ws.status.fingerprint
+    return out
+
+
 class TransformPulls:
+    """The job runner's pulls: a PullRequest for the job's spec (a reshard for
+    `transform: reshard`, this target's rank read from its pod label)."""
+
     def __init__(self, agent: Any, ident: Identity, api: client.ApiClient) -> None:
         self.agent, self.ident, self.api = agent, ident, api
-        self._lock = threading.Lock()
-        self._reshard: tuple[tuple[int, int], ReshardPuller] | None = None
 
-    def pull(self, spec: dict[str, Any], endpoints: list[str], *, relay: bool = False,
-             double_buffer: bool = False, **kw: Any) -> Any:
-        """Agent.pull's keyword arguments; returns a result with `bytes`."""
-        transform = spec.get("transform") or {}
-        if transform.get("type") != "reshard":
-            return self.agent.pull(endpoints, relay=relay, double_buffer=double_buffer, **kw)
-        if relay or double_buffer:
+    def pull(
+        self,
+        spec: RefitJobSpec,
+        endpoints: list[str],
+        *,
+        cancel: threading.Event | None = None,
+        progress: Callable[[int], None] | None = None,
+        ranks: list[list[str]] | None = None,
+        **fields: Any,
+    ) -> Any:
+        """`fields` are PullRequest's (version, timeout_s, ...); returns the PullResult."""
+        ws = self._source(spec)
+        if ranks is not None:
+            return self._pull_ranks(spec, ws, ranks, cancel=cancel, progress=progress, **fields)
+        if len(self.agent.ranks) != 1:
+            raise RanksMismatch(
+                f"the job assigns one rank but this pod's agent serves {len(self.agent.ranks)}: set the "
+                f"RefitJob's spec.targetRanksPerPod (or the WeightSource's spec.layout.ranksPerPod) to "
+                f"{len(self.agent.ranks)}",
+                ranks=1,
+                local_ranks=len(self.agent.ranks),
+            )
+        reshard = None
+        if spec.transform.type == "reshard":
+            tp = spec.transform.target_tensor_parallel_size
+            assert tp is not None  # RefitJobSpec's rule: reshard names it
+            reshard = Reshard(target_rank(self._labels(), ws.spec.layout.rank_label, tp), tp)
+        fields = {**source_bounds(ws, reshard=reshard is not None), **fields}
+        if reshard is not None and (fields.get("relay") or fields.get("double_buffer")):
             raise UnsupportedTransform(
                 "transform reshard pulls straight from the source ranks into the active slabs: "
-                "no relay, no double buffer")
-        tp = int(transform["targetTensorParallelSize"])
-        rank = target_rank(self._labels(), self._rank_label(spec), tp)
-        res = self._puller(rank, tp).pull(
-            endpoints,
-            version=kw.get("version"),
-            timeout_s=kw.get("timeout_s", 60.0),
-            chunk_bytes=kw.get("chunk_bytes"),
-            quiesce=kw.get("quiesce", False),
-            quiesce_timeout_s=kw.get("quiesce_timeout_s", 30.0),
-            cancel=kw.get("cancel"),
-            progress=kw.get("progress"),
-            max_gbps=kw.get("max_gbps"),
-        )
-        log.info("reshard TP%d -> rank %d of TP%d: %d bytes, %d direct + %d scratch pieces, %s",
-                 len(endpoints), rank, tp, res.bytes, res.direct_pieces, res.scratch_pieces,
-                 "re-planned" if res.replanned else "plan reused")
+                "no relay, no double buffer"
+            )
+        request = PullRequest(tuple(endpoints), reshard=reshard, **fields)  # BadRequest
+        res = self.agent.pull(request, cancel=cancel, progress=progress)
+        if reshard is not None:
+            d = res.details
+            log.info(
+                "reshard TP%d -> rank %d of TP%d: %d bytes, %d direct + %d scratch pieces, %s",
+                len(endpoints),
+                reshard.rank,
+                reshard.tp,
+                res.bytes,
+                d["direct_pieces"],
+                d["scratch_pieces"],
+                "re-planned" if d["replanned"] else "plan reused",
+            )
         return res
 
-    def _puller(self, rank: int, tp: int) -> ReshardPuller:
-        with self._lock:
-            if self._reshard is not None and self._reshard[0] != (rank, tp):
-                self._reshard[1].close()  # the plan depends on (rank, tp): start over
-                self._reshard = None
-            if self._reshard is None:
-                self._reshard = ((rank, tp), ReshardPuller(self.agent, target_rank=rank, target_tp=tp))
-            return self._reshard[1]
+    def _pull_ranks(
+        self,
+        spec: RefitJobSpec,
+        ws: Source,
+        ranks: list[list[str]],
+        *,
+        cancel: threading.Event | None,
+        progress: Callable[[int], None] | None,
+        **fields: Any,
+    ) -> RanksResult:
+        """Every local rank's pull at once (`ranks[l]`: local rank l's source addresses,
+        host:port/r); the first failing rank (in local-rank order) fails the attempt."""
+        have = len(self.agent.ranks)
+        if len(ranks) != have:
+            raise RanksMismatch(
+                f"the job assigns {len(ranks)} local ranks but this pod's agent serves {have} "
+                "(--devices/--ranks): set the RefitJob's spec.targetRanksPerPod (or the WeightSource's "
+                f"spec.layout.ranksPerPod) to {have}, or run the agent with one device per rank",
+                ranks=len(ranks),
+                local_ranks=have,
+            )
+        reshard = spec.transform.type == "reshard"
+        prank = 0
+        tp = (spec.transform.target_tensor_parallel_size or 1) if reshard else 0
+        if reshard:
+            prank = target_rank(self._labels(), ws.spec.layout.rank_label, max(1, tp // have))
+        fields = {**source_bounds(ws, reshard=reshard), **fields}
+        done = [0] * have
+        results: list[Any] = [None] * have
+        errors: list[FerryError | None] = [None] * have
 
-    def _rank_label(self, spec: dict[str, Any]) -> str:
-        ws = cast(dict[str, Any], client.CustomObjectsApi(self.api).get_namespaced_custom_object(
-            GROUP, VERSION, self.ident.namespace, WeightSource.PLURAL, spec["sourceRef"]["name"]))
-        return ((ws.get("spec") or {}).get("layout") or {}).get("rankLabel") or DEFAULT_RANK_LABEL
+        def one(local: int) -> None:
+            def moved(n: int) -> None:
+                done[local] = n
+                if progress is not None:
+                    progress(sum(done))
+
+            try:
+                request = PullRequest(
+                    tuple(ranks[local]),
+                    rank=local,
+                    **fields,
+                    reshard=Reshard(prank * have + local, tp) if reshard else None,
+                )
+                results[local] = self.agent.pull(request, cancel=cancel, progress=moved)
+            except FerryError as exc:
+                errors[local] = exc
+            except Exception as exc:  # an unexpected error still names its rank
+                errors[local] = FerryError(f"{type(exc).__name__}: {exc}")
+                errors[local].reason = "AgentError"  # type: ignore[misc]
+
+        threads = [
+            threading.Thread(target=one, args=(r,), name=f"ferry-pull-r{r}", daemon=True)
+            for r in range(have)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for local, exc in enumerate(errors):
+            if exc is not None:
+                raise on_rank(exc, local, prank * have + local if reshard else None)
+        log.info("pulled %d local ranks: %s bytes", have, [int(r.bytes) for r in results])
+        return RanksResult(tuple(results))
+
+    def _source(self, spec: RefitJobSpec) -> Source:
+        obj = client.CustomObjectsApi(self.api).get_namespaced_custom_object(
+            GROUP, VERSION, self.ident.namespace, WeightSource.PLURAL, spec.source_ref.name
+        )
+        return read(WeightSource, obj)
 
     def _labels(self) -> dict[str, str]:
         pod = client.CoreV1Api(self.api).read_namespaced_pod(self.ident.pod, self.ident.namespace)
         return dict(pod.metadata.labels or {})
 
     def close(self) -> None:
-        """Free the reshard scratch; call only when no pull is running."""
-        with self._lock:
-            if self._reshard is not None:
-                self._reshard[1].close()
-                self._reshard = None
+        """Nothing of its own: the agent keeps (and frees) the reshard puller."""

@@ -29,7 +29,9 @@ def run_protoc(args: list[str]) -> int:
     import grpc_tools  # the package only; its compiler extension loads in the child
 
     include = str(Path(grpc_tools.__file__).parent / "_proto")
-    return subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{include}", *args]).returncode
+    return subprocess.run(
+        [sys.executable, "-m", "grpc_tools.protoc", f"-I{include}", *args]
+    ).returncode
 
 
 def generate(src_dir: Path, out_dir: Path) -> list[Path]:

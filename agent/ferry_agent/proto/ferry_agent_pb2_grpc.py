@@ -59,6 +59,21 @@ class FerryAgentStub:
                 request_serializer=ferry__agent__pb2.RelayStatusRequest.SerializeToString,
                 response_deserializer=ferry__agent__pb2.RelayStatusReply.FromString,
                 _registered_method=True)
+        self.GetDigests = channel.unary_unary(
+                '/ferry.agent.v1.FerryAgent/GetDigests',
+                request_serializer=ferry__agent__pb2.DigestsRequest.SerializeToString,
+                response_deserializer=ferry__agent__pb2.DigestsReply.FromString,
+                _registered_method=True)
+        self.Follow = channel.unary_stream(
+                '/ferry.agent.v1.FerryAgent/Follow',
+                request_serializer=ferry__agent__pb2.FollowRequest.SerializeToString,
+                response_deserializer=ferry__agent__pb2.VersionNotice.FromString,
+                _registered_method=True)
+        self.Report = channel.unary_unary(
+                '/ferry.agent.v1.FerryAgent/Report',
+                request_serializer=ferry__agent__pb2.FollowReport.SerializeToString,
+                response_deserializer=ferry__agent__pb2.FollowReportReply.FromString,
+                _registered_method=True)
 
 
 class FerryAgentServicer:
@@ -99,6 +114,30 @@ class FerryAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDigests(self, request, context):
+        """Content digests of the version this agent serves (computed when it was published,
+        or adopted from the source it was verified against). NOT_FOUND: not that version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Follow(self, request, context):
+        """Continuous refit (follow.py): a target subscribes to this source agent's versions.
+        The stream sends the version served now (when the follower does not serve it
+        yet), then one notice per publish; ending the call ends the subscription.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Report(self, request, context):
+        """A follower tells the source which version it now serves (or why it does not).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FerryAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +165,21 @@ def add_FerryAgentServicer_to_server(servicer, server):
                     servicer.RelayStatus,
                     request_deserializer=ferry__agent__pb2.RelayStatusRequest.FromString,
                     response_serializer=ferry__agent__pb2.RelayStatusReply.SerializeToString,
+            ),
+            'GetDigests': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDigests,
+                    request_deserializer=ferry__agent__pb2.DigestsRequest.FromString,
+                    response_serializer=ferry__agent__pb2.DigestsReply.SerializeToString,
+            ),
+            'Follow': grpc.unary_stream_rpc_method_handler(
+                    servicer.Follow,
+                    request_deserializer=ferry__agent__pb2.FollowRequest.FromString,
+                    response_serializer=ferry__agent__pb2.VersionNotice.SerializeToString,
+            ),
+            'Report': grpc.unary_unary_rpc_method_handler(
+                    servicer.Report,
+                    request_deserializer=ferry__agent__pb2.FollowReport.FromString,
+                    response_serializer=ferry__agent__pb2.FollowReportReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +317,87 @@ class FerryAgent:
             '/ferry.agent.v1.FerryAgent/RelayStatus',
             ferry__agent__pb2.RelayStatusRequest.SerializeToString,
             ferry__agent__pb2.RelayStatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDigests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.agent.v1.FerryAgent/GetDigests',
+            ferry__agent__pb2.DigestsRequest.SerializeToString,
+            ferry__agent__pb2.DigestsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Follow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ferry.agent.v1.FerryAgent/Follow',
+            ferry__agent__pb2.FollowRequest.SerializeToString,
+            ferry__agent__pb2.VersionNotice.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Report(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.agent.v1.FerryAgent/Report',
+            ferry__agent__pb2.FollowReport.SerializeToString,
+            ferry__agent__pb2.FollowReportReply.FromString,
             options,
             channel_credentials,
             insecure,

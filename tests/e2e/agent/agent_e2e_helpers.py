@@ -6,13 +6,14 @@ import glob
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ferry_agent.client import EngineClient
 from ferry_agent.layout import TensorSpec
 from ferry_agent.peer import AgentClient
-from ferry_agent.procs import AgentProcess, spawn_agent
+from ferry_dev.procs import AgentProcess, spawn_agent
 
 DTYPES = ["float32", "bfloat16", "float16", "int8", "int64", "float8_e4m3fn", "uint8", "bool"]
 
@@ -42,20 +43,20 @@ def fill(client: EngineClient, seed: int) -> dict[str, bytes]:
     out = {}
     for p in client.placements:
         data = rng.integers(0, 256, p.nbytes, dtype=np.uint8)
-        client._slabs[p.slab].array[p.offset : p.offset + p.nbytes] = data
+        client.slabs[p.slab].array[p.offset : p.offset + p.nbytes] = data
         out[p.name] = data.tobytes()
     return out
 
 
 def snapshot(client: EngineClient) -> dict[str, bytes]:
     return {
-        p.name: client._slabs[p.slab].array[p.offset : p.offset + p.nbytes].tobytes()
+        p.name: client.slabs[p.slab].array[p.offset : p.offset + p.nbytes].tobytes()
         for p in client.placements
     }
 
 
 def paint(client: EngineClient, value: int) -> None:
-    for s in client._slabs:
+    for s in client.slabs:
         s.array.fill(value)
 
 
@@ -71,14 +72,29 @@ class Cluster:
         self.tag = secrets.token_hex(3)
 
     def agent(self, role: str, *args: str) -> AgentProcess:
+        return self.spawn(role, args=list(args))
+
+    def spawn(self, role: str, args: list[str] | None = None, **kw: Any) -> AgentProcess:
+        """An agent for `role` (spawn_agent's keyword arguments: env, launcher, ...)."""
         pod = f"{role}-{self.tag}"
-        args = ("--slab-bytes", "4Mi", "--chunk-bytes", "1Mi", "--log-level", "WARNING", *args)
-        p = spawn_agent(self.workdir, pod, self.token_file, args=list(args), timeout=30)
+        argv = [
+            "--slab-bytes",
+            "4Mi",
+            "--chunk-bytes",
+            "1Mi",
+            "--log-level",
+            "WARNING",
+            *(args or []),
+        ]
+        p = spawn_agent(self.workdir, pod, self.token_file, args=argv, timeout=30, **kw)
         self.procs.append(p)
         return p
 
     def engine(self, p: AgentProcess) -> EngineClient:
-        c = EngineClient(p.socket, timeout=30)
+        return self.track(EngineClient(p.socket, timeout=30))
+
+    def track(self, c: EngineClient) -> EngineClient:
+        """Close `c` at teardown."""
         self.clients.append(c)
         return c
 
@@ -95,5 +111,5 @@ class Cluster:
         for p in self.procs:
             p.stop(timeout=10)
         for p in self.procs:
-            for f in glob.glob(f"/dev/shm/ferry-{p.pod}-*"):
+            for f in glob.glob(f"/dev/shm/ferry-{p.pod}_*"):
                 os.unlink(f)

@@ -14,6 +14,7 @@ from agent_e2e_helpers import fill, snapshot
 
 from ferry_agent.errors import Cancelled, FerryError
 from ferry_agent.layout import TensorSpec
+from ferry_agent.request import PullRequest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -75,7 +76,9 @@ def test_cancel_mid_pull_stops_within_a_second_and_the_next_pull_works(cluster):
     rpc = cluster.rpc(dst)
     cancel = threading.Event()
     th, out = _in_thread(
-        rpc.pull, [src.endpoint], max_gbps=PACE, quiesce_engine=True, timeout_s=30, cancel=cancel
+        rpc.pull,
+        PullRequest([src.endpoint], max_gbps=PACE, quiesce=True, timeout_s=30),
+        cancel=cancel,
     )
     _wait_state(rpc, "Pulling")
     time.sleep(0.3)
@@ -83,13 +86,13 @@ def test_cancel_mid_pull_stops_within_a_second_and_the_next_pull_works(cluster):
     cancelled = time.monotonic()
     th.join(5)
     assert isinstance(out.get("error"), Cancelled), out
-    _wait_state(rpc, "Declared", timeout=1.0)  # the agent let go of the slabs
+    _wait_state(rpc, "NoVersion", timeout=1.0)  # the agent let go of the slabs
     assert time.monotonic() - cancelled < 1.0
     eng.join(5)
-    assert events == [("v1", False)]  # engine resumed, told the pull of v1 did not land
+    assert events == [("", False)]  # engine resumed, told its slabs hold no version
     assert rpc.health().version == ""
 
-    reply = rpc.pull([src.endpoint], timeout_s=30)  # handles were released cleanly
+    reply = rpc.pull(PullRequest([src.endpoint], timeout_s=30))  # handles were released cleanly
     assert reply.version == "v1" and snapshot(de) == want
 
 
@@ -98,13 +101,15 @@ def test_cancel_mid_pull_stops_within_a_second_and_the_next_pull_works(cluster):
 PROGRESS_SCRIPT = """
 import json, sys, time
 from ferry_agent.agent import Agent, AgentConfig
+from ferry_agent.request import PullRequest
 a = Agent(AgentConfig(pod=sys.argv[1], token=sys.argv[2], slab_bytes=4 << 20)).start()
 t0 = time.monotonic()
 seen = []
-r = a.pull([sys.argv[3]], chunk_bytes=1 << 20, max_gbps=float(sys.argv[4]), timeout_s=30,
+r = a.pull(PullRequest([sys.argv[3]], chunk_bytes=1 << 20, max_gbps=float(sys.argv[4]), timeout_s=30),
            progress=lambda n: seen.append((time.monotonic() - t0, n)))
-got = {p.name: a.slabs[p.slab].array[p.offset : p.offset + p.nbytes].tobytes().hex()
-       for p in a.layout.placements}
+rank = a.rank(0)
+got = {p.name: rank.slabs[p.slab].array[p.offset : p.offset + p.nbytes].tobytes().hex()
+       for p in rank.layout.placements}
 print(json.dumps({"seen": seen, "bytes": r.bytes, "total_s": r.total_s, "got": got}))
 a.close()
 """
@@ -141,14 +146,18 @@ def test_chain_relay_three_targets_take_little_more_than_one_transfer(cluster):
 
     # Baseline: one paced transfer into a fresh target.
     t0 = time.monotonic()
-    base = cluster.rpc(cluster.agent("base")).pull([src.endpoint], max_gbps=PACE, timeout_s=30)
+    base = cluster.rpc(cluster.agent("base")).pull(
+        PullRequest([src.endpoint], max_gbps=PACE, timeout_s=30)
+    )
     single = time.monotonic() - t0
 
     # Chain: every link starts at once; t1 and t2 are still empty (no layout) when
     # their downstreams start following them.
     t0 = time.monotonic()
     runs = [
-        _in_thread(rpcs[k].pull, [endpoints[k]], max_gbps=PACE, timeout_s=60, relay=k > 0)
+        _in_thread(
+            rpcs[k].pull, PullRequest([endpoints[k]], max_gbps=PACE, timeout_s=60, relay=k > 0)
+        )
         for k in (2, 1, 0)
     ]
     for th, _ in runs:
@@ -170,8 +179,10 @@ def test_relay_whose_upstream_fails_reports_relay_broken(cluster):
     src, se, want = _source(cluster)
     up, down = cluster.agent("up"), cluster.agent("down")
     rup, rdown = cluster.rpc(up), cluster.rpc(down)
-    th_up, out_up = _in_thread(rup.pull, [src.endpoint], max_gbps=PACE, timeout_s=30)
-    th_dn, out_dn = _in_thread(rdown.pull, [up.endpoint], max_gbps=PACE, timeout_s=30, relay=True)
+    th_up, out_up = _in_thread(rup.pull, PullRequest([src.endpoint], max_gbps=PACE, timeout_s=30))
+    th_dn, out_dn = _in_thread(
+        rdown.pull, PullRequest([up.endpoint], max_gbps=PACE, timeout_s=30, relay=True)
+    )
     _wait_state(rdown, "Pulling")
     time.sleep(0.3)
     src.kill()  # the upstream's pull fails mid-way
@@ -201,7 +212,7 @@ def test_double_buffer_engine_reads_during_the_pull_and_pauses_only_for_the_swap
     de = cluster.engine(dst)
     de.declare(SPECS)
     rpc = cluster.rpc(dst)
-    rpc.pull([src.endpoint], timeout_s=30)
+    rpc.pull(PullRequest([src.endpoint], timeout_s=30))
     with se.writing("v2"):
         v2 = fill(se, seed=12)
     d1, d2 = _digest(v1.values()), _digest(v2.values())
@@ -233,14 +244,14 @@ def test_double_buffer_engine_reads_during_the_pull_and_pauses_only_for_the_swap
         time.sleep(0.01)
     t0 = time.monotonic()
     reply = rpc.pull(
-        [src.endpoint], double_buffer=True, quiesce_engine=True, max_gbps=PACE, timeout_s=30
+        PullRequest([src.endpoint], double_buffer=True, quiesce=True, max_gbps=PACE, timeout_s=30)
     )
     t1 = time.monotonic()
     time.sleep(0.2)
     # A second cycle lands in the other set again, with nothing newly registered.
     with se.writing("v3"):
         fill(se, seed=13)
-    again = rpc.pull([src.endpoint], double_buffer=True, quiesce_engine=True, timeout_s=30)
+    again = rpc.pull(PullRequest([src.endpoint], double_buffer=True, quiesce=True, timeout_s=30))
     time.sleep(0.2)
     stop.set()
     eng.join(10)

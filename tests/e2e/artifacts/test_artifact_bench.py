@@ -2,7 +2,7 @@
 
 import pytest
 
-from ferry_agent.artifacts import bench
+from ferry_bench import artifacts as bench
 
 pytestmark = pytest.mark.e2e
 

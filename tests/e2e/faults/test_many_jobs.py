@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from kubernetes import client as k8s_client
 
-from ferry_operator.dev.cluster import DevCluster, demo_layout
+from ferry_dev.cluster import DevCluster, demo_layout
 from tests.e2e.faults.faults_helpers import (
     delete_jobs_and_check_finalizers,
     entries,
@@ -49,15 +49,34 @@ def test_200_jobs_across_20_sources(cluster: DevCluster) -> None:
         body["spec"]["selector"] = {"matchLabels": {"slot": pod}}
         create(api, ns, "weightsources", body)
         digests[f"v{i}"] = cluster.load_weights(pod, f"v{i}", SMALL, seed=100 + i)
-    poll(lambda: all(get(api, "weightsources", ns, f"model-{i}").get("status", {}).get("readyReplicas") == 1
-                     for i in range(SOURCES)), timeout=60, what="every source Ready")
+    poll(
+        lambda: all(
+            get(api, "weightsources", ns, f"model-{i}").get("status", {}).get("readyReplicas") == 1
+            for i in range(SOURCES)
+        ),
+        timeout=60,
+        what="every source Ready",
+    )
 
     names = [f"job-{j:03d}" for j in range(JOBS)]
     applied = time.monotonic()
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda j: create(api, ns, "refitjobs", refitjob(
-            names[j], source=f"model-{j % SOURCES}", targets={"slot": tgts[j % TARGETS]},
-            timeoutSeconds=600)), range(JOBS)))
+        list(
+            pool.map(
+                lambda j: create(
+                    api,
+                    ns,
+                    "refitjobs",
+                    refitjob(
+                        names[j],
+                        source=f"model-{j % SOURCES}",
+                        targets={"slot": tgts[j % TARGETS]},
+                        timeoutSeconds=600,
+                    ),
+                ),
+                range(JOBS),
+            )
+        )
 
     co = k8s_client.CustomObjectsApi(api)
 
@@ -65,15 +84,22 @@ def test_200_jobs_across_20_sources(cluster: DevCluster) -> None:
         items = co.list_namespaced_custom_object(GROUP, VERSION, ns, "refitjobs")["items"]
         done = [i for i in items if (i.get("status") or {}).get("phase") in ("Succeeded", "Failed")]
         return items if len(done) == JOBS else None
+
     items = poll(all_finished, timeout=600, what=f"{JOBS} jobs finished", every=1.0)
     took = time.monotonic() - applied
-    failed = [(i["metadata"]["name"], i["status"].get("conditions")) for i in items
-              if i["status"]["phase"] != "Succeeded"]
+    failed = [
+        (i["metadata"]["name"], i["status"].get("conditions"))
+        for i in items
+        if i["status"]["phase"] != "Succeeded"
+    ]
     assert not failed, f"{len(failed)} jobs failed: {failed[:3]}"
     layout_bytes = next(iter(items))["status"]["bytesTotal"]
     for i in items:
         (entry,) = entries(i).values()
-        assert entry["phase"] == "Done" and entry.get("bytes") == layout_bytes, (i["metadata"]["name"], entry)
+        assert entry["phase"] == "Done" and entry.get("bytes") == layout_bytes, (
+            i["metadata"]["name"],
+            entry,
+        )
     # Each target holds the version of one of its two sources, byte for byte.
     from ferry_agent.client import EngineClient
 
@@ -81,6 +107,8 @@ def test_200_jobs_across_20_sources(cluster: DevCluster) -> None:
         with EngineClient.connect(cluster.agents[pod].socket) as c:
             version = c.status()["version"]
         assert version in (f"v{t}", f"v{t + TARGETS}"), (pod, version)
-        assert cluster.weights_digest(pod) == digests[version], f"{pod} holds different bytes than {version}"
+        assert cluster.weights_digest(pod) == digests[version], (
+            f"{pod} holds different bytes than {version}"
+        )
     print(f"\n{JOBS} jobs over {SOURCES} sources and {TARGETS} targets finished in {took:.1f}s")
     delete_jobs_and_check_finalizers(cluster, names, timeout=120)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from ferry_operator.dev.cluster import DevCluster, demo_layout
+from ferry_dev.cluster import DevCluster, demo_layout
 from tests.kube_helpers import GROUP, VERSION, create, get, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -21,7 +21,7 @@ def plugin(c: DevCluster, *args: str, timeout: float = 60) -> subprocess.Complet
     assert c.cp is not None
     env = {**os.environ, "KUBECONFIG": str(c.cp.kubeconfig), "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "ferry_operator.kubectl", *args],
+        [sys.executable, "-m", "ferry_kubectl", *args],
         env=env,
         capture_output=True,
         text=True,

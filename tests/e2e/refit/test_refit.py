@@ -16,7 +16,7 @@ import pytest
 from kubernetes import client as k8s_client
 
 from ferry_agent.layout import DTYPE_SIZES
-from ferry_operator.dev.cluster import DevCluster, demo_layout
+from ferry_dev.cluster import DevCluster, demo_layout
 from tests.kube_helpers import GROUP, VERSION, cond, create, get, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -25,16 +25,31 @@ LAYOUT_BYTES = sum(DTYPE_SIZES[t["dtype"]] * math.prod(t["shape"]) for t in LAYO
 
 
 def weightsource(lease: int = 6) -> dict[str, Any]:
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "WeightSource", "metadata": {"name": "policy"},
-            "spec": {"model": {"name": "tiny-llama"}, "selector": {"matchLabels": {"app": "trainer"}},
-                     "memory": "host",
-                     "heartbeat": {"leaseDurationSeconds": lease, "renewIntervalSeconds": 1}}}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "WeightSource",
+        "metadata": {"name": "policy"},
+        "spec": {
+            "model": {"name": "tiny-llama"},
+            "selector": {"matchLabels": {"app": "trainer"}},
+            "memory": "host",
+            "heartbeat": {"leaseDurationSeconds": lease, "renewIntervalSeconds": 1},
+        },
+    }
 
 
 def refitjob(name: str, **spec: Any) -> dict[str, Any]:
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "RefitJob", "metadata": {"name": name},
-            "spec": {"sourceRef": {"name": "policy"}, "targets": {"matchLabels": {"app": "inference"}},
-                     "timeoutSeconds": 120, **spec}}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "RefitJob",
+        "metadata": {"name": name},
+        "spec": {
+            "sourceRef": {"name": "policy"},
+            "targets": {"matchLabels": {"app": "inference"}},
+            "timeoutSeconds": 120,
+            **spec,
+        },
+    }
 
 
 def ready_source(c: DevCluster, version: str = "1", seed: int = 1) -> str:
@@ -44,15 +59,28 @@ def ready_source(c: DevCluster, version: str = "1", seed: int = 1) -> str:
     for pod, a in c.agents.items():
         if a.role == "source":
             want = c.load_weights(pod, version, LAYOUT, seed)
-    wait_for(lambda: get(api, "weightsources", c.namespace, "policy").get("status", {})
-             .get("version") == version, timeout=30, what=f"source serving {version}")
+    wait_for(
+        lambda: (
+            get(api, "weightsources", c.namespace, "policy").get("status", {}).get("version")
+            == version
+        ),
+        timeout=30,
+        what=f"source serving {version}",
+    )
     return want
 
 
 def finished(c: DevCluster, name: str, timeout: float = 90) -> dict[str, Any]:
     api = c.api()
-    return wait_for(lambda: (o := get(api, "refitjobs", c.namespace, name)).get("status", {})
-                    .get("phase") in ("Succeeded", "Failed") and o, timeout=timeout, what=f"{name} finished")
+    return wait_for(
+        lambda: (
+            (o := get(api, "refitjobs", c.namespace, name)).get("status", {}).get("phase")
+            in ("Succeeded", "Failed")
+            and o
+        ),
+        timeout=timeout,
+        what=f"{name} finished",
+    )
 
 
 def poll(fn: Any, timeout: float, what: str) -> Any:
@@ -72,8 +100,12 @@ def targets(c: DevCluster) -> list[str]:
 @pytest.mark.parametrize("strategy", ["direct", "tree", "chain"])
 def test_one_source_three_targets(cluster: DevCluster, strategy: str) -> None:
     want = ready_source(cluster)
-    create(cluster.api(), cluster.namespace, "refitjobs",
-           refitjob("refit", strategy={"type": strategy, "maxFanOut": 1 if strategy == "tree" else 4}))
+    create(
+        cluster.api(),
+        cluster.namespace,
+        "refitjobs",
+        refitjob("refit", strategy={"type": strategy, "maxFanOut": 1 if strategy == "tree" else 4}),
+    )
     job = finished(cluster, "refit")
     assert job["status"]["phase"] == "Succeeded", job["status"]
     assert cond(job, "Complete")["status"] == "True"
@@ -87,15 +119,53 @@ def test_one_source_three_targets(cluster: DevCluster, strategy: str) -> None:
         assert any(s.startswith("inference") for s in sources.values()), sources
 
 
+# The progress timer 60 s apart: only the targets' reports can finish the job in time.
+@pytest.mark.cluster(operator_env={"FERRY_JOB_CHECK_SECONDS": "60"})
+def test_job_completes_on_its_targets_reports_not_the_progress_timer(cluster: DevCluster) -> None:
+    want = ready_source(cluster)
+    api = cluster.api()
+    for k in range(
+        2
+    ):  # the second after the first: its Leases already carry a finished job's report
+        t0 = time.monotonic()
+        create(api, cluster.namespace, "refitjobs", refitjob(f"now-{k}"))
+        job = finished(cluster, f"now-{k}", timeout=30)
+        took = time.monotonic() - t0
+        assert job["status"]["phase"] == "Succeeded", job["status"]
+        assert took < 10, f"now-{k} took {took:.1f}s: it waited for a timer, not for its reports"
+    # A job for a version not published yet waits for its source, then runs as soon as
+    # the source's member shows it (the WeightSource's change), not at the timer.
+    create(api, cluster.namespace, "refitjobs", refitjob("next", version="2"))
+    time.sleep(1)
+    t0 = time.monotonic()
+    want = cluster.load_weights("trainer-0", "2", LAYOUT, seed=2)
+    job = finished(cluster, "next", timeout=30)
+    took = time.monotonic() - t0
+    assert job["status"]["phase"] == "Succeeded" and job["status"]["version"] == "2", job["status"]
+    assert took < 10, f"next took {took:.1f}s after the publish: it waited for a timer"
+    for pod in targets(cluster):
+        assert cluster.weights_digest(pod) == want
+
+
 # Slow pulls (a bandwidth cap on the targets) so that a kill or delete lands mid-transfer.
 @pytest.mark.cluster(sources=2, targets=2, env={"FERRY_PULL_MAX_GBPS": "0.01"})
 def test_source_killed_mid_job_targets_reassigned(cluster: DevCluster) -> None:
     want = ready_source(cluster)
     api = cluster.api()
     create(api, cluster.namespace, "refitjobs", refitjob("refit", strategy={"chunkBytes": 1 << 20}))
-    victim = wait_for(lambda: next((e["source"] for e in get(api, "refitjobs", cluster.namespace, "refit")
-                                    .get("status", {}).get("targets", []) if e.get("phase") == "Pulling"),
-                                   None), what="a pull in flight")
+    victim = wait_for(
+        lambda: next(
+            (
+                e["source"]
+                for e in get(api, "refitjobs", cluster.namespace, "refit")
+                .get("status", {})
+                .get("targets", [])
+                if e.get("phase") == "Pulling"
+            ),
+            None,
+        ),
+        what="a pull in flight",
+    )
     cluster.stop_agent(victim, kill=True)
     job = finished(cluster, "refit", timeout=120)
     assert job["status"]["phase"] == "Succeeded", job["status"]
@@ -130,12 +200,26 @@ def test_deleting_a_running_job_cancels_it(cluster: DevCluster) -> None:
     ready_source(cluster)
     api = cluster.api()
     create(api, cluster.namespace, "refitjobs", refitjob("refit", strategy={"chunkBytes": 1 << 20}))
-    wait_for(lambda: [e.get("phase") for e in get(api, "refitjobs", cluster.namespace, "refit")
-                      .get("status", {}).get("targets", [])] == ["Pulling", "Pulling"], what="both pulling")
-    assert "ferry.dev/finalizer" in get(api, "refitjobs", cluster.namespace, "refit")["metadata"]["finalizers"]
+    wait_for(
+        lambda: (
+            [
+                e.get("phase")
+                for e in get(api, "refitjobs", cluster.namespace, "refit")
+                .get("status", {})
+                .get("targets", [])
+            ]
+            == ["Pulling", "Pulling"]
+        ),
+        what="both pulling",
+    )
+    assert (
+        "ferry.dev/finalizer"
+        in get(api, "refitjobs", cluster.namespace, "refit")["metadata"]["finalizers"]
+    )
     time.sleep(1)  # some chunks land
-    k8s_client.CustomObjectsApi(api).delete_namespaced_custom_object(GROUP, VERSION, cluster.namespace,
-                                                                     "refitjobs", "refit")
+    k8s_client.CustomObjectsApi(api).delete_namespaced_custom_object(
+        GROUP, VERSION, cluster.namespace, "refitjobs", "refit"
+    )
     started = time.monotonic()
     last: dict[str, dict[str, Any]] = {}
 
@@ -146,6 +230,7 @@ def test_deleting_a_running_job_cancels_it(cluster: DevCluster) -> None:
             return exc.status == 404
         last.update({e["pod"]: e for e in job.get("status", {}).get("targets", [])})
         return False
+
     poll(gone, timeout=30, what="job deleted")
     elapsed = time.monotonic() - started
     # The finalizer holds the job until no target is Pulling: each agent reported its
@@ -168,11 +253,14 @@ def test_progress_bytes_grow_on_the_cr_before_done(cluster: DevCluster) -> None:
     seen: list[tuple[str, int]] = []
 
     def done() -> bool:
-        entries = get(api, "refitjobs", cluster.namespace, "refit").get("status", {}).get("targets", [])
+        entries = (
+            get(api, "refitjobs", cluster.namespace, "refit").get("status", {}).get("targets", [])
+        )
         for e in entries:
             if not seen or seen[-1] != (e.get("phase"), e.get("bytes", 0)):
                 seen.append((e.get("phase"), e.get("bytes", 0)))
         return any(e.get("phase") in ("Done", "Failed") for e in entries)
+
     poll(done, timeout=60, what="target done")
     total = LAYOUT_BYTES
     partial = [b for phase, b in seen if phase == "Pulling" and 0 < b < total]
@@ -187,8 +275,12 @@ def test_chain_relays_pipeline_chunks(cluster: DevCluster) -> None:
     want = ready_source(cluster)
     api = cluster.api()
     created = time.monotonic()
-    create(api, cluster.namespace, "refitjobs",
-           refitjob("refit", strategy={"type": "chain", "chunkBytes": 1 << 20}))
+    create(
+        api,
+        cluster.namespace,
+        "refitjobs",
+        refitjob("refit", strategy={"type": "chain", "chunkBytes": 1 << 20}),
+    )
     job = finished(cluster, "refit")
     wall = time.monotonic() - created
     assert job["status"]["phase"] == "Succeeded", job["status"]
@@ -197,9 +289,13 @@ def test_chain_relays_pipeline_chunks(cluster: DevCluster) -> None:
     for pod in targets(cluster):
         assert cluster.weights_digest(pod) == want
     # Each link read from a target that was still pulling.
-    log = "".join(cluster.workdir.joinpath("agents", p, "agent.log").read_text() for p in targets(cluster))
+    log = "".join(
+        cluster.workdir.joinpath("agents", p, "agent.log").read_text() for p in targets(cluster)
+    )
     assert log.count("relay") >= 2, "the downstream links did not follow as relays"
-    assert wall < 2 * first["seconds"], f"chain of 3 took {wall:.1f}s, one transfer {first['seconds']:.1f}s"
+    assert wall < 2 * first["seconds"], (
+        f"chain of 3 took {wall:.1f}s, one transfer {first['seconds']:.1f}s"
+    )
 
 
 @pytest.mark.cluster(sources=1, targets=1)
@@ -208,8 +304,17 @@ def test_agent_killed_goes_stale_within_one_lease(cluster: DevCluster) -> None:
     api = cluster.api()
     killed = time.monotonic()
     cluster.stop_agent("trainer-0", kill=True)
-    ws = wait_for(lambda: (o := get(api, "weightsources", cluster.namespace, "policy"))["status"]
-                  .get("readyReplicas") == 0 and o, timeout=30, what="source Stale")
+    ws = wait_for(
+        lambda: (
+            (o := get(api, "weightsources", cluster.namespace, "policy"))["status"].get(
+                "readyReplicas"
+            )
+            == 0
+            and o
+        ),
+        timeout=30,
+        what="source Stale",
+    )
     elapsed = time.monotonic() - killed
     assert elapsed <= 2 * 6 + 2, f"{elapsed:.1f}s"  # expiry plus one lease duration (6 s)
     member = ws["status"]["members"][0]
@@ -230,7 +335,7 @@ def test_engine_never_reads_a_pull_in_progress(cluster: DevCluster) -> None:
     errors: list[str] = []
 
     def engine() -> None:
-        from ferry_operator.dev.cluster import digest
+        from ferry_dev.cluster import digest
 
         with EngineClient.connect(cluster.agents["inference-0"].socket) as c:
             views = c.attach()
@@ -249,9 +354,18 @@ def test_engine_never_reads_a_pull_in_progress(cluster: DevCluster) -> None:
     t.start()
     wait_for(lambda: len(seen) >= 3, what="engine reading")
     v2 = cluster.load_weights("trainer-0", "2", LAYOUT, seed=2)
-    wait_for(lambda: get(api, "weightsources", cluster.namespace, "policy")["status"].get("version") == "2",
-             what="source at 2")
-    create(api, cluster.namespace, "refitjobs", refitjob("refit-2", pause={"mode": "engine", "timeoutSeconds": 20}))
+    wait_for(
+        lambda: (
+            get(api, "weightsources", cluster.namespace, "policy")["status"].get("version") == "2"
+        ),
+        what="source at 2",
+    )
+    create(
+        api,
+        cluster.namespace,
+        "refitjobs",
+        refitjob("refit-2", pause={"mode": "engine", "timeoutSeconds": 20}),
+    )
     job = finished(cluster, "refit-2")
     time.sleep(0.5)
     stop.set()
@@ -261,8 +375,8 @@ def test_engine_never_reads_a_pull_in_progress(cluster: DevCluster) -> None:
     reads = [s for s in seen if not s.startswith("resume")]
     assert set(reads) <= {v1, v2}, "the engine saw bytes of a pull in progress"
     resume = seen.index("resume:2:True")
-    assert all(s == v1 for s in seen[:resume]) and all(s == v2 for s in seen[resume + 1:])
-    assert seen[resume + 1:], "the engine read again after resume"
+    assert all(s == v1 for s in seen[:resume]) and all(s == v2 for s in seen[resume + 1 :])
+    assert seen[resume + 1 :], "the engine read again after resume"
 
 
 # 24 MiB in 1 MiB chunks at 0.01 GB/s: the pull takes ~2.5 s; the engine may pause only
@@ -271,7 +385,7 @@ def test_engine_never_reads_a_pull_in_progress(cluster: DevCluster) -> None:
 @pytest.mark.cluster(sources=1, targets=1, env={"FERRY_PULL_MAX_GBPS": "0.01"})
 def test_double_buffer_engine_reads_through_the_pull(cluster: DevCluster) -> None:
     from ferry_agent.client import EngineClient
-    from ferry_operator.dev.cluster import digest
+    from ferry_dev.cluster import digest
 
     v1 = ready_source(cluster, "1", seed=1)
     api = cluster.api()
@@ -301,11 +415,19 @@ def test_double_buffer_engine_reads_through_the_pull(cluster: DevCluster) -> Non
     t.start()
     wait_for(lambda: len(reads) >= 3, what="engine reading")
     v2 = cluster.load_weights("trainer-0", "2", LAYOUT, seed=2)
-    wait_for(lambda: get(api, "weightsources", cluster.namespace, "policy")["status"].get("version") == "2",
-             what="source at 2")
+    wait_for(
+        lambda: (
+            get(api, "weightsources", cluster.namespace, "policy")["status"].get("version") == "2"
+        ),
+        what="source at 2",
+    )
     t0 = time.monotonic()
-    create(api, cluster.namespace, "refitjobs",
-           refitjob("refit-2", pause={"mode": "doubleBuffer"}, strategy={"chunkBytes": 1 << 20}))
+    create(
+        api,
+        cluster.namespace,
+        "refitjobs",
+        refitjob("refit-2", pause={"mode": "doubleBuffer"}, strategy={"chunkBytes": 1 << 20}),
+    )
     job = finished(cluster, "refit-2")
     time.sleep(0.5)
     stop.set()
@@ -318,6 +440,38 @@ def test_double_buffer_engine_reads_through_the_pull(cluster: DevCluster) -> Non
     after = [d for ts, d in reads if ts > resumed]
     assert set(before) == {v1} and after and set(after) == {v2}
     # Each read hashes all 24 MiB; on 2 busy cores that is a few reads per second.
-    assert len([ts for ts, _ in reads if t0 < ts < ack]) >= 2, "the engine kept reading during the pull"
+    assert len([ts for ts, _ in reads if t0 < ts < ack]) >= 2, (
+        "the engine kept reading during the pull"
+    )
     assert pull_s > 1.0, f"the capped pull took {pull_s:.2f}s"
     assert resumed - ack < 0.1 * pull_s, f"paused {resumed - ack:.3f}s of a {pull_s:.1f}s pull"
+
+
+@pytest.mark.cluster(sources=1, targets=1)
+def test_agents_run_with_their_pods_bound_token_under_the_admission_policy(
+    cluster: DevCluster,
+) -> None:
+    """Each agent's credential is its own pod's bound token (what the kubelet mounts), so
+    the refits above ran under the per-pod policy; with it, inference-0's agent cannot
+    touch trainer-0's Lease."""
+    from kubernetes import config as k8s_config
+
+    from ferry_api import leases, ssa
+
+    ns = cluster.namespace
+    create(cluster.api(), ns, "weightsources", weightsource())
+    wait_for(
+        lambda: get(cluster.api(), "weightsources", ns, "policy").get("status", {}).get("members"),
+        what="the source's entry, written with its pod's token",
+    )
+    target = k8s_config.new_client_from_config(
+        config_file=str(cluster.workdir / "agents" / "inference-0" / "kubeconfig")
+    )
+    review = k8s_client.AuthenticationV1Api(target).create_self_subject_review({}).status.user_info
+    assert review.extra["authentication.kubernetes.io/pod-name"] == ["inference-0"]
+    assert review.username == f"system:serviceaccount:{ns}:default"
+    with pytest.raises(k8s_client.ApiException) as err:
+        leases.patch(
+            target, ns, "trainer-0", {leases.REPORT + "x": '{"attempt":1}'}, ssa.AGENT_MANAGER
+        )
+    assert err.value.status == 403 and "ferry-agent-inference-0" in err.value.body

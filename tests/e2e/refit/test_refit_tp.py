@@ -25,8 +25,11 @@ from reshard_sim import direct_load, full_weights, model  # noqa: E402
 from ferry_agent.client import EngineClient  # noqa: E402
 from ferry_agent.layout import TensorSpec  # noqa: E402
 from ferry_agent.transform import fp8  # noqa: E402
-from ferry_operator.dev.cluster import DevCluster  # noqa: E402
-from tests.kube_helpers import GROUP, VERSION, cond, create, get, wait_for  # noqa: E402
+from ferry_dev import manifests  # noqa: E402
+from ferry_dev.cluster import DevCluster  # noqa: E402
+from tests.kube_helpers import cond, create  # noqa: E402
+from tests.kube_helpers import job_finished as finished  # noqa: E402
+from tests.kube_helpers import source_serving as serving  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(400)]
 RANK = "ferry.dev/tp-rank"
@@ -34,22 +37,21 @@ SHAPES = model(hidden=256, inter=384, layers=2, vocab=512)  # ~2.3 MB full
 
 
 def weightsource(name: str, app: str, tp: int = 1, **layout: Any) -> dict[str, Any]:
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "WeightSource", "metadata": {"name": name},
-            "spec": {"model": {"name": "tiny"}, "selector": {"matchLabels": {"app": app}}, "memory": "host",
-                     "layout": {"tensorParallelSize": tp, **layout},
-                     "heartbeat": {"leaseDurationSeconds": 6, "renewIntervalSeconds": 1}}}
+    return manifests.weightsource(name, {"app": app}, layout={"tensorParallelSize": tp, **layout})
 
 
 def refitjob(name: str, source: str, app: str, **spec: Any) -> dict[str, Any]:
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "RefitJob", "metadata": {"name": name},
-            "spec": {"sourceRef": {"name": source}, "targets": {"matchLabels": {"app": app}},
-                     "timeoutSeconds": 120, "pause": {"mode": "none"}, **spec}}
+    return manifests.refitjob(
+        name, source, {"app": app}, **{"timeoutSeconds": 120, "pause": {"mode": "none"}, **spec}
+    )
 
 
 def load(c: DevCluster, pod: str, tensors: dict[str, Any], version: str) -> None:
     """What a trainer does: declare its tensors through the engine client, write, publish."""
     with EngineClient.connect(c.agents[pod].socket) as e:
-        views = e.declare({n: (str(t.dtype).removeprefix("torch."), tuple(t.shape)) for n, t in tensors.items()})
+        views = e.declare(
+            {n: (str(t.dtype).removeprefix("torch."), tuple(t.shape)) for n, t in tensors.items()}
+        )
         with e.writing(version):
             for n, t in tensors.items():
                 views[n].copy_(t)
@@ -65,16 +67,6 @@ def assert_holds(c: DevCluster, pod: str, want: dict[str, Any]) -> None:
             assert torch.equal(g.view(torch.uint8), w.contiguous().view(torch.uint8)), (pod, n)
 
 
-def finished(c: DevCluster, name: str, timeout: float = 90) -> dict[str, Any]:
-    return wait_for(lambda: (o := get(c.api(), "refitjobs", c.namespace, name)).get("status", {})
-                    .get("phase") in ("Succeeded", "Failed") and o, timeout=timeout, what=f"{name} finished")
-
-
-def serving(c: DevCluster, ws: str, version: str) -> dict[str, Any]:
-    return wait_for(lambda: (o := get(c.api(), "weightsources", c.namespace, ws)).get("status", {})
-                    .get("version") == version and o, timeout=30, what=f"{ws} serving {version}")
-
-
 def add_pods(c: DevCluster, pods: dict[str, dict[str, str]], role: str) -> None:
     waits = [c.add_pod(name, role, labels, wait=False) for name, labels in pods.items()]
     for w in waits:
@@ -86,10 +78,20 @@ def add_pods(c: DevCluster, pods: dict[str, dict[str, str]], role: str) -> None:
 def test_tp2_sources_reshard_to_tp1_three_refits_and_same_rank_pulls(cluster: DevCluster) -> None:
     c, api = cluster, cluster.api()
     create(api, c.namespace, "weightsources", weightsource("policy", "trainer", tp=2))
-    add_pods(c, {"trainer-r0": {"app": "trainer", RANK: "0"}, "trainer-r1": {"app": "trainer", RANK: "1"}},
-             "source")
-    add_pods(c, {"inference-0": {"app": "inference"},  # TP 1: no rank label needed
-                 "shard-0": {"app": "shard", RANK: "0"}, "shard-1": {"app": "shard", RANK: "1"}}, "target")
+    add_pods(
+        c,
+        {"trainer-r0": {"app": "trainer", RANK: "0"}, "trainer-r1": {"app": "trainer", RANK: "1"}},
+        "source",
+    )
+    add_pods(
+        c,
+        {
+            "inference-0": {"app": "inference"},  # TP 1: no rank label needed
+            "shard-0": {"app": "shard", RANK: "0"},
+            "shard-1": {"app": "shard", RANK: "1"},
+        },
+        "target",
+    )
     log = c.workdir / "agents" / "inference-0" / "agent.log"
     for cycle in (1, 2, 3):
         full = full_weights(SHAPES, seed=40 + cycle)
@@ -98,19 +100,38 @@ def test_tp2_sources_reshard_to_tp1_three_refits_and_same_rank_pulls(cluster: De
         ws = serving(c, "policy", f"step-{cycle}")
         if cycle == 1:
             assert cond(ws, "Ready")["status"] == "True", ws["status"]
-            assert ws["status"]["fingerprint"].startswith("tp2:") and ws["status"]["readySummary"] == "2/2"
-            assert {m["pod"]: m.get("rank") for m in ws["status"]["members"]} == {"trainer-r0": 0, "trainer-r1": 1}
+            assert (
+                ws["status"]["fingerprint"].startswith("tp2:")
+                and ws["status"]["readySummary"] == "2/2"
+            )
+            assert {m["pod"]: m.get("rank") for m in ws["status"]["members"]} == {
+                "trainer-r0": 0,
+                "trainer-r1": 1,
+            }
             pod = k8s_client.CoreV1Api(api).read_namespaced_pod("trainer-r1", c.namespace)
             agent = next(x for x in pod.spec.init_containers if x.name == "ferry-agent")
             env = {e.name: e.value_from.field_ref.field_path for e in agent.env if e.value_from}
-            assert env["FERRY_TP_RANK"] == f"metadata.labels['{RANK}']", "the webhook injects the rank"
-        create(api, c.namespace, "refitjobs", refitjob(
-            f"reshard-{cycle}", "policy", "inference", transform={"type": "reshard", "targetTensorParallelSize": 1}))
+            assert env["FERRY_TP_RANK"] == f"metadata.labels['{RANK}']", (
+                "the webhook injects the rank"
+            )
+        create(
+            api,
+            c.namespace,
+            "refitjobs",
+            refitjob(
+                f"reshard-{cycle}",
+                "policy",
+                "inference",
+                transform={"type": "reshard", "targetTensorParallelSize": 1},
+            ),
+        )
         job = finished(c, f"reshard-{cycle}")
         assert job["status"]["phase"] == "Succeeded", job["status"]
         (entry,) = job["status"]["targets"]
         assert entry["source"] == "trainer-r0,trainer-r1" and entry["bytes"] > 0
-        assert_holds(c, "inference-0", direct_load(full, 0, 1))  # equal to a fresh load, every cycle
+        assert_holds(
+            c, "inference-0", direct_load(full, 0, 1)
+        )  # equal to a fresh load, every cycle
         reused = log.read_text().count("plan reused")
         assert reused == cycle - 1, f"cycle {cycle}: the plan must be kept while nothing changed"
         if cycle == 1:  # TP 2 targets, no transform: each pulls its own rank's shard
@@ -118,24 +139,49 @@ def test_tp2_sources_reshard_to_tp1_three_refits_and_same_rank_pulls(cluster: De
             job = finished(c, "same-rank")
             assert job["status"]["phase"] == "Succeeded", job["status"]
             assert {e["pod"]: e["source"] for e in job["status"]["targets"]} == {
-                "shard-0": "trainer-r0", "shard-1": "trainer-r1"}
+                "shard-0": "trainer-r0",
+                "shard-1": "trainer-r1",
+            }
             for r in range(2):
                 assert_holds(c, f"shard-{r}", direct_load(full, r, 2))
 
 
 @pytest.mark.cluster(sources=0, targets=0)
-def test_tp1_source_reshards_to_tp2_targets_and_fp8_block_needs_a_quantized_source(cluster: DevCluster) -> None:
+def test_tp1_source_reshards_to_tp2_targets_and_fp8_block_needs_a_quantized_source(
+    cluster: DevCluster,
+) -> None:
     c, api = cluster, cluster.api()
     create(api, c.namespace, "weightsources", weightsource("policy", "trainer"))
-    create(api, c.namespace, "weightsources", weightsource("policy-fp8", "trainer-fp8", quantization="fp8-block"))
+    create(
+        api,
+        c.namespace,
+        "weightsources",
+        weightsource("policy-fp8", "trainer-fp8", quantization="fp8-block"),
+    )
     add_pods(c, {"trainer-0": {"app": "trainer"}, "trainer-fp8": {"app": "trainer-fp8"}}, "source")
-    add_pods(c, {"inference-0": {"app": "inference", RANK: "0"}, "inference-1": {"app": "inference", RANK: "1"},
-                 "inference-fp8": {"app": "inference-fp8"}}, "target")
+    add_pods(
+        c,
+        {
+            "inference-0": {"app": "inference", RANK: "0"},
+            "inference-1": {"app": "inference", RANK: "1"},
+            "inference-fp8": {"app": "inference-fp8"},
+        },
+        "target",
+    )
     full = full_weights(SHAPES, seed=5)
     load(c, "trainer-0", full, "v1")
     serving(c, "policy", "v1")
-    create(api, c.namespace, "refitjobs", refitjob(
-        "reshard", "policy", "inference", transform={"type": "reshard", "targetTensorParallelSize": 2}))
+    create(
+        api,
+        c.namespace,
+        "refitjobs",
+        refitjob(
+            "reshard",
+            "policy",
+            "inference",
+            transform={"type": "reshard", "targetTensorParallelSize": 2},
+        ),
+    )
     job = finished(c, "reshard")
     assert job["status"]["phase"] == "Succeeded", job["status"]
     for r in range(2):
@@ -143,20 +189,41 @@ def test_tp1_source_reshards_to_tp2_targets_and_fp8_block_needs_a_quantized_sour
 
     # A target without the rank label fails with a reason naming the label (no agent needed).
     c.add_pod("unlabelled", "target", {"app": "unlabelled"}, start_agent=False)
-    create(api, c.namespace, "refitjobs", refitjob(
-        "no-rank", "policy", "unlabelled", transform={"type": "reshard", "targetTensorParallelSize": 2}))
+    create(
+        api,
+        c.namespace,
+        "refitjobs",
+        refitjob(
+            "no-rank",
+            "policy",
+            "unlabelled",
+            transform={"type": "reshard", "targetTensorParallelSize": 2},
+        ),
+    )
     job = finished(c, "no-rank")
     (entry,) = job["status"]["targets"]
-    assert entry["phase"] == "Failed" and entry["reason"] == "MissingRankLabel" and RANK in entry["message"]
-    assert job["status"]["phase"] == "Failed" and cond(job, "Failed")["reason"] == "MissingRankLabel"
+    assert (
+        entry["phase"] == "Failed"
+        and entry["reason"] == "MissingRankLabel"
+        and RANK in entry["message"]
+    )
+    assert (
+        job["status"]["phase"] == "Failed" and cond(job, "Failed")["reason"] == "MissingRankLabel"
+    )
 
     # fp8-block from a source that does not publish FP8: refused before any transfer.
-    create(api, c.namespace, "refitjobs", refitjob("fp8-refused", "policy", "inference-fp8",
-                                                   transform={"type": "fp8-block"}))
+    create(
+        api,
+        c.namespace,
+        "refitjobs",
+        refitjob("fp8-refused", "policy", "inference-fp8", transform={"type": "fp8-block"}),
+    )
     job = finished(c, "fp8-refused", timeout=30)
     failed = cond(job, "Failed")
     assert job["status"]["phase"] == "Failed" and failed["reason"] == "SourceNotQuantized"
-    assert "spec.layout.quantization: fp8-block" in failed["message"] and not job["status"].get("targets")
+    assert "spec.layout.quantization: fp8-block" in failed["message"] and not job["status"].get(
+        "targets"
+    )
 
     # With a source that declares (and publishes) fp8-block: a plain pull of FP8 + scales.
     bf16 = {n: w for n, w in full.items() if w.dtype == torch.bfloat16}
@@ -167,8 +234,12 @@ def test_tp1_source_reshards_to_tp2_targets_and_fp8_block_needs_a_quantized_sour
             fp8.publish_into(bf16, views)
         published = {n: v.clone() for n, v in views.items()}
     serving(c, "policy-fp8", "v1")
-    create(api, c.namespace, "refitjobs", refitjob("fp8", "policy-fp8", "inference-fp8",
-                                                   transform={"type": "fp8-block"}))
+    create(
+        api,
+        c.namespace,
+        "refitjobs",
+        refitjob("fp8", "policy-fp8", "inference-fp8", transform={"type": "fp8-block"}),
+    )
     job = finished(c, "fp8")
     assert job["status"]["phase"] == "Succeeded", job["status"]
     assert any(v.dtype == torch.float8_e4m3fn for v in published.values())

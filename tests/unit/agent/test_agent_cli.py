@@ -5,8 +5,8 @@ import argparse
 import pytest
 
 from ferry_agent import cli as agent_cli
-from ferry_agent.bench import cli as bench_cli
-from ferry_agent.bench.transfer import make_specs
+from ferry_bench import cli as bench_cli
+from ferry_bench.transfer import make_specs
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,8 @@ import pytest
 from ferry_agent.errors import ManifestRejected
 from ferry_agent.layout import TensorSpec, plan_layout
 from ferry_agent.manifest import Manifest, descriptor_arrays
+from ferry_agent.memory import SlabInfo
 from ferry_agent.proto import build
-from ferry_agent.slabs import SlabInfo
 
 
 def test_committed_grpc_stubs_are_fresh():
@@ -58,3 +58,38 @@ def test_descriptor_arrays_are_built_from_typed_fields_and_bounded():
     assert arr.tolist() == [[1010, 20, 3], [5000, 50, 3]]
     with pytest.raises(ValueError):
         descriptor_arrays([(1, 10, 50)], slabs)
+
+
+def test_vram_manifest_carries_ipc_handles_and_locality_and_refuses_bad_handles():
+    from ferry_agent.ipc import Locality
+
+    handle = "ab" * 64
+    m = _manifest(
+        memory="cuda",
+        slabs=(SlabInfo(0, 0x1000, 4096, "VRAM", 0, handle),),
+        host_id="boot-1",
+        device="0000:1B:00.0",
+    )
+    back = Manifest.from_proto(m.to_proto())
+    assert back.slabs[0].handle == handle and (back.host_id, back.device) == (
+        "boot-1",
+        "0000:1B:00.0",
+    )
+    assert Locality("boot-1", "0000:1B:00.0").same_gpu(back)
+    assert not Locality("boot-1", "0000:1C:00.0").same_gpu(back)  # another GPU of the host
+    assert not Locality("boot-2", "0000:1B:00.0").same_gpu(back)  # the same slot elsewhere
+    assert not Locality("boot-1", "").same_gpu(back)  # a host-memory agent
+    bad = _manifest(memory="cuda", slabs=(SlabInfo(0, 0x1000, 4096, "VRAM", 0, "zz"),))
+    with pytest.raises(ManifestRejected, match="IPC handle"):
+        Manifest.from_proto(bad.to_proto())
+
+
+def test_same_gpu_copies_merge_segments_that_continue_each_other():
+    from ferry_agent.ipc import merged
+    from ferry_agent.planner import Segment
+
+    chunks = [Segment(0, 0, o, 1, 4096 + o, 1 << 20) for o in range(0, 4 << 20, 1 << 20)]
+    other = Segment(0, 2, 0, 1, 0, 4096)  # another source slab
+    gap = Segment(0, 0, (4 << 20) + 512, 1, 4096 + (4 << 20) + 512, 100)  # padding between
+    got = merged([chunks[2], other, chunks[0], gap, chunks[3], chunks[1]])
+    assert got == [Segment(0, 0, 0, 1, 4096, 4 << 20), gap, other]

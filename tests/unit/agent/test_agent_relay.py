@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ferry_agent.planner import Segment
-from ferry_agent.relay import PullTracker, covered, merge
+from ferry_agent.progress import PullTracker, covered, merge
 
 
 def test_merge_joins_touching_and_overlapping_ranges_per_slab():
@@ -27,12 +27,12 @@ def test_tracker_records_landed_destination_ranges_and_terminal_state():
         peer = "peer"
 
     t.on_complete(E(), 1)
-    assert t.snapshot()["completed"] == [(1, 8192, 4096)] and t.bytes_done == 4096
+    assert t.snapshot().completed == ((1, 8192, 4096),) and t.bytes_done == 4096
     t.on_complete(E(), 0)
     t.finish(ok=True, epoch=6)
     t.finish(ok=False)  # the first outcome stands
     snap = t.snapshot()
-    assert snap["completed"] == [(1, 4096, 8192)] and (snap["state"], snap["epoch"]) == ("Done", 6)
+    assert snap.completed == ((1, 4096, 8192),) and (snap.state, snap.epoch) == ("Done", 6)
 
 
 def test_long_poll_wakes_when_bytes_land_or_the_pull_ends_and_times_out_otherwise():

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,20 +74,37 @@ def test_cuda_array_interface_and_handle_checks_without_a_gpu():
         CudaSlab.attach(0, "ab" * 10, 4096, 0)
 
 
-def test_reap_stale_removes_only_slabs_of_dead_agents(tmp_path):
+def test_reap_stale_removes_only_slabs_no_live_process_holds(tmp_path):
+    import fcntl
     import subprocess
 
     from ferry_agent.slabs import reap_stale
 
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    (tmp_path / f"ferry-pod-{dead.pid}-0-aa").write_bytes(b"x")
-    (tmp_path / f"ferry-pod-{os.getpid()}-0-bb").write_bytes(b"x")  # ours: alive
-    (tmp_path / f"ferry-other-{dead.pid}-0-cc").write_bytes(b"x")  # another pod
-    (tmp_path / f"ferry-pod-2-{dead.pid}-0-dd").write_bytes(b"x")  # pod "pod-2"
-    assert reap_stale("ferry-pod", str(tmp_path)) == [f"ferry-pod-{dead.pid}-0-aa"]
-    assert {p.name for p in tmp_path.iterdir()} == {
-        f"ferry-other-{dead.pid}-0-cc",
-        f"ferry-pod-2-{dead.pid}-0-dd",
-        f"ferry-pod-{os.getpid()}-0-bb",
-    }
+    def slab(name: str) -> Path:
+        (tmp_path / name).write_bytes(b"x")
+        return tmp_path / name
+
+    dead = slab("ferry-pod_r0_aaaa1111_0_aa")  # its creator is gone: nothing holds it
+    held = slab("ferry-pod_r1_bbbb2222_0_bb")  # a live creator holds its flock
+    other = slab("ferry-other_r0_aaaa1111_0_cc")  # another pod
+    dashed = slab("ferry-pod-2_r0_aaaa1111_0_dd")  # pod "pod-2", not pod "pod"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+            str(held),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert reap_stale("ferry-pod", str(tmp_path)) == [dead.name]
+        assert {p.name for p in tmp_path.iterdir()} == {held.name, other.name, dashed.name}
+    finally:
+        holder.kill()
+        holder.wait()
+    assert reap_stale("ferry-pod", str(tmp_path)) == [held.name]  # its holder died
+    del fcntl

@@ -26,9 +26,9 @@ from hypothesis import strategies as st
 from ferry_agent.errors import FerryError
 from ferry_agent.layout import DTYPE_SIZES, Layout, Placement, TensorSpec, plan_layout
 from ferry_agent.manifest import Manifest, descriptor_arrays, pb
+from ferry_agent.memory import SlabInfo
 from ferry_agent.peer import AgentClient
 from ferry_agent.planner import build_plan
-from ferry_agent.slabs import SlabInfo
 from ferry_agent.transform.reshard import COLUMN, REPLICATED, ROW, plan_reshard, rule_for, segments
 from tests.conftest import fuzz_examples
 
@@ -74,22 +74,50 @@ def peer() -> Iterator[RawPeer]:
 names = st.from_regex(r"\Amodel\.layers\.[0-9]\.[a-z]{1,6}\Z")
 dtypes = st.sampled_from(sorted(DTYPE_SIZES))
 shape = st.lists(st.integers(0, 40), min_size=0, max_size=3).map(tuple)
-specs = st.lists(st.builds(TensorSpec, names, dtypes, shape), min_size=1, max_size=8,
-                 unique_by=lambda s: s.name)
+specs = st.lists(
+    st.builds(TensorSpec, names, dtypes, shape), min_size=1, max_size=8, unique_by=lambda s: s.name
+)
 slab_sizes = st.sampled_from([256, 1024, 4096, 1 << 16])
 
 
 def manifest_of(layout: Layout, base: int, memory: str = "host") -> Any:
     kind = "DRAM" if memory == "host" else "VRAM"
-    slabs = tuple(SlabInfo(i, base + i * (1 << 32), n, kind, 0, "") for i, n in enumerate(layout.slab_sizes))
-    return Manifest(agent="peer.1", pod="src", namespace="ns", version="v1", epoch=2,
-                    fingerprint=layout.fingerprint, generation=1, memory=memory,
-                    tensors=layout.placements, slabs=slabs, nixl_metadata=b"md").to_proto()
+    slabs = tuple(
+        SlabInfo(i, base + i * (1 << 32), n, kind, 0, "") for i, n in enumerate(layout.slab_sizes)
+    )
+    return Manifest(
+        agent="peer.1",
+        pod="src",
+        namespace="ns",
+        version="v1",
+        epoch=2,
+        fingerprint=layout.fingerprint,
+        generation=1,
+        memory=memory,
+        tensors=layout.placements,
+        slabs=slabs,
+        nixl_metadata=b"md",
+    ).to_proto()
 
 
-BAD_INTS = [0, 1, 255, 256, 4095, 4096, 1 << 31, (1 << 32) - 1, 1 << 40, (1 << 63) - 1, 1 << 63, U64]
+BAD_INTS = [
+    0,
+    1,
+    255,
+    256,
+    4095,
+    4096,
+    1 << 31,
+    (1 << 32) - 1,
+    1 << 40,
+    (1 << 63) - 1,
+    1 << 63,
+    U64,
+]
 bad_int = st.one_of(st.sampled_from(BAD_INTS), st.integers(0, 1 << 20))
-bad_dim = st.one_of(st.sampled_from([-1, -(1 << 63), 0, 1 << 31, (1 << 63) - 1]), st.integers(-5, 1 << 20))
+bad_dim = st.one_of(
+    st.sampled_from([-1, -(1 << 63), 0, 1 << 31, (1 << 63) - 1]), st.integers(-5, 1 << 20)
+)
 
 
 @st.composite
@@ -97,11 +125,30 @@ def mutate(draw: st.DrawFn, m: Any) -> bytes:
     """One or two changes to manifest `m` (a protobuf), then its bytes, maybe damaged."""
     m = pb.Manifest.FromString(m.SerializeToString())
     for _ in range(draw(st.integers(0, 2))):
-        what = draw(st.sampled_from([
-            "offset", "nbytes", "slab", "dtype", "shape", "name", "duplicate", "overlap", "drop-tensor",
-            "slab-nbytes", "slab-addr", "slab-index", "slab-memory", "drop-slab", "alignment", "memory",
-            "metadata", "add-tensor",
-        ]))
+        what = draw(
+            st.sampled_from(
+                [
+                    "offset",
+                    "nbytes",
+                    "slab",
+                    "dtype",
+                    "shape",
+                    "name",
+                    "duplicate",
+                    "overlap",
+                    "drop-tensor",
+                    "slab-nbytes",
+                    "slab-addr",
+                    "slab-index",
+                    "slab-memory",
+                    "drop-slab",
+                    "alignment",
+                    "memory",
+                    "metadata",
+                    "add-tensor",
+                ]
+            )
+        )
         t = m.tensors[draw(st.integers(0, len(m.tensors) - 1))] if m.tensors else None
         s = m.slabs[draw(st.integers(0, len(m.slabs) - 1))] if m.slabs else None
         if what == "offset" and t is not None:
@@ -111,7 +158,9 @@ def mutate(draw: st.DrawFn, m: Any) -> bytes:
         elif what == "slab" and t is not None:
             t.slab = draw(st.one_of(st.integers(0, 3), st.just((1 << 32) - 1)))
         elif what == "dtype" and t is not None:
-            t.dtype = draw(st.one_of(dtypes, st.sampled_from(["", "float4", "object", "complex64"])))
+            t.dtype = draw(
+                st.one_of(dtypes, st.sampled_from(["", "float4", "object", "complex64"]))
+            )
         elif what == "shape" and t is not None:
             dims = draw(st.lists(bad_dim, max_size=4))
             del t.shape[:]
@@ -126,8 +175,12 @@ def mutate(draw: st.DrawFn, m: Any) -> bytes:
         elif what == "drop-tensor" and t is not None:
             m.tensors.remove(t)
         elif what == "add-tensor":
-            n = m.tensors.add(name=draw(names), dtype=draw(dtypes), slab=draw(st.integers(0, 2)),
-                              offset=draw(bad_int))
+            n = m.tensors.add(
+                name=draw(names),
+                dtype=draw(dtypes),
+                slab=draw(st.integers(0, 2)),
+                offset=draw(bad_int),
+            )
             n.shape.extend(draw(st.lists(st.integers(0, 64), max_size=2)))
             n.nbytes = draw(st.one_of(bad_int, st.just(0)))
         elif what == "slab-nbytes" and s is not None:
@@ -167,11 +220,14 @@ def plain_case(draw: st.DrawFn) -> tuple[Layout, list[bytes], int]:
     for k in range(draw(st.integers(1, 3))):
         theirs = plan_layout(sp, draw(slab_sizes)) if draw(st.booleans()) else ours
         good = manifest_of(theirs, 0x7F00_0000_0000 + (k << 40))
-        sources.append(draw(mutate(good)) if k == 0 or draw(st.booleans()) else good.SerializeToString())
+        sources.append(
+            draw(mutate(good)) if k == 0 or draw(st.booleans()) else good.SerializeToString()
+        )
     return ours, sources, draw(st.sampled_from([4096, 8192, 1 << 20]))
 
 
 # ------------------------------------------------------------- properties
+
 
 def inside(seg_slab: int, off: int, n: int, sizes: dict[int, int]) -> bool:
     return seg_slab in sizes and 0 <= off and 0 <= n and off + n <= sizes[seg_slab]
@@ -187,7 +243,9 @@ def assert_plain_plan_safe(ours: Layout, mans: list[Manifest], chunk_bytes: int)
         for g in segs:
             assert inside(g.src_slab, g.src_offset, g.nbytes, theirs), (g, man.slabs)
             assert inside(g.dst_slab, g.dst_offset, g.nbytes, mine), (g, ours.slab_sizes)
-        remote = descriptor_arrays([(g.src_slab, g.src_offset, g.nbytes) for g in segs], list(man.slabs))
+        remote = descriptor_arrays(
+            [(g.src_slab, g.src_offset, g.nbytes) for g in segs], list(man.slabs)
+        )
         descriptor_arrays([(g.dst_slab, g.dst_offset, g.nbytes) for g in segs], local)
         assert all(int(a) + int(n) <= 1 << 64 for a, n, _ in remote.tolist())
     assert plan.bytes == ours.nbytes
@@ -195,7 +253,9 @@ def assert_plain_plan_safe(ours: Layout, mans: list[Manifest], chunk_bytes: int)
 
 @fuzz_examples(200)
 @given(case=plain_case())
-def test_malformed_manifest_gives_a_typed_error_or_an_in_bounds_plan(peer: RawPeer, case: Any) -> None:
+def test_malformed_manifest_gives_a_typed_error_or_an_in_bounds_plan(
+    peer: RawPeer, case: Any
+) -> None:
     ours, sources, chunk_bytes = case
     try:
         mans = [peer.manifest(data) for data in sources]
@@ -225,20 +285,27 @@ def _set(**kw: Any) -> Any:
                 target.shape.extend(value)
             else:
                 setattr(target, field, value)
+
     return change
 
 
-@pytest.mark.parametrize(("case", "change"), [
-    ("shape says more bytes than nbytes", _set(t__shape=[4, 8000])),  # reshard sized READs by shape
-    ("negative dimension", _set(t__shape=[-4, -8])),  # TensorSpec raised ValueError on adopt
-    ("unknown dtype", _set(t__dtype="float4")),
-    ("slab past the end of memory", _set(s__addr=U64 - 16)),  # numpy OverflowError
-    ("duplicate names", lambda m: m.tensors.add().CopyFrom(m.tensors[0])),
-    ("overlapping tensors", _set(t__offset=250)),  # a (64 B) runs into b at 256
-    ("bad alignment", _set(m__alignment=3)),
-    ("bad memory", _set(m__memory="disk")),
-    ("tensor in a missing slab", _set(t__slab=7)),
-])
+@pytest.mark.parametrize(
+    ("case", "change"),
+    [
+        (
+            "shape says more bytes than nbytes",
+            _set(t__shape=[4, 8000]),
+        ),  # reshard sized READs by shape
+        ("negative dimension", _set(t__shape=[-4, -8])),  # TensorSpec raised ValueError on adopt
+        ("unknown dtype", _set(t__dtype="float4")),
+        ("slab past the end of memory", _set(s__addr=U64 - 16)),  # numpy OverflowError
+        ("duplicate names", lambda m: m.tensors.add().CopyFrom(m.tensors[0])),
+        ("overlapping tensors", _set(t__offset=250)),  # a (64 B) runs into b at 256
+        ("bad alignment", _set(m__alignment=3)),
+        ("bad memory", _set(m__memory="disk")),
+        ("tensor in a missing slab", _set(t__slab=7)),
+    ],
+)
 def test_regressions_are_typed_errors(peer: RawPeer, case: str, change: Any) -> None:
     with pytest.raises(FerryError) as err:
         peer.manifest(_regression(change))
@@ -292,8 +359,10 @@ def reshard_case(draw: st.DrawFn) -> tuple[Layout, list[bytes], int, int]:
         return out
 
     ours = plan_layout(shard(tgt_tp), draw(slab_sizes))
-    sources = [manifest_of(plan_layout(shard(src_tp), draw(slab_sizes)), 0x7F00_0000_0000 + (k << 40))
-               for k in range(src_tp)]
+    sources = [
+        manifest_of(plan_layout(shard(src_tp), draw(slab_sizes)), 0x7F00_0000_0000 + (k << 40))
+        for k in range(src_tp)
+    ]
     bad = draw(st.integers(0, src_tp))  # src_tp: none mutated, a valid reshard
     data = [draw(mutate(m)) if k == bad else m.SerializeToString() for k, m in enumerate(sources)]
     return ours, data, rank, tgt_tp
@@ -301,16 +370,29 @@ def reshard_case(draw: st.DrawFn) -> tuple[Layout, list[bytes], int, int]:
 
 @fuzz_examples(200)
 @given(case=reshard_case())
-@example(case=(  # a peer's q_proj that is a scalar: sshape[0] raised IndexError
-    plan_layout([TensorSpec("model.layers.0.self_attn.q_proj.weight", "float32", (4, 4))], 256),
-    [manifest_of(plan_layout([TensorSpec("model.layers.0.self_attn.q_proj.weight", "float32", ())], 256),
-                 0x7F00_0000_0000).SerializeToString()] * 2,
-    0, 2))
+@example(
+    case=(  # a peer's q_proj that is a scalar: sshape[0] raised IndexError
+        plan_layout([TensorSpec("model.layers.0.self_attn.q_proj.weight", "float32", (4, 4))], 256),
+        [
+            manifest_of(
+                plan_layout(
+                    [TensorSpec("model.layers.0.self_attn.q_proj.weight", "float32", ())], 256
+                ),
+                0x7F00_0000_0000,
+            ).SerializeToString()
+        ]
+        * 2,
+        0,
+        2,
+    )
+)
 def test_reshard_planner_gives_a_typed_error_or_an_in_bounds_plan(peer: RawPeer, case: Any) -> None:
     ours, data, rank, tgt_tp = case
     try:
         mans = [peer.manifest(d) for d in data]
-        plan = plan_reshard([m.tensors for m in mans], ours.placements, target_rank=rank, target_tp=tgt_tp)
+        plan = plan_reshard(
+            [m.tensors for m in mans], ours.placements, target_rank=rank, target_tp=tgt_tp
+        )
     except FerryError as exc:
         event(exc.reason)
         assert exc.reason and exc.message

@@ -1,1 +1,0 @@
-"""Control-plane benchmarks (`ferry bench control-plane`)."""
