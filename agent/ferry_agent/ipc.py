@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import TransferTimeout
 from .memory import SlabInfo
-from .planner import Segment
+from .planner import Segment, joined
 from .transport import ReadResult
 
 if TYPE_CHECKING:
@@ -37,30 +37,6 @@ TRANSPORT = "cuda-ipc"
 # flight, and eight 1 GiB copies instead of one ran an 8 GB cycle at 0.86x of a torch
 # device-to-device copy (docs/bench/transfer-cuda-samegpu-ipc-20261202-h200.json).
 BATCH_BYTES = 1 << 30
-
-
-def merged(segs: Sequence[Segment]) -> list[Segment]:
-    """Segments that continue each other on both sides (same slabs) joined into one."""
-    out: list[Segment] = []
-    for g in sorted(segs, key=lambda g: (g.src_slab, g.src_offset)):
-        last = out[-1] if out else None
-        if (
-            last is not None
-            and (last.src_slab, last.dst_slab) == (g.src_slab, g.dst_slab)
-            and last.src_offset + last.nbytes == g.src_offset
-            and last.dst_offset + last.nbytes == g.dst_offset
-        ):
-            out[-1] = Segment(
-                last.source,
-                last.src_slab,
-                last.src_offset,
-                last.dst_slab,
-                last.dst_offset,
-                last.nbytes + g.nbytes,
-            )
-        else:
-            out.append(g)
-    return out
 
 
 def host_id() -> str:
@@ -169,7 +145,7 @@ class CudaIpcCopier:
         try:
             for endpoint, segs in work:
                 _, slabs = self._opened[endpoint]
-                for g in merged(segs):
+                for g in joined(segs):
                     stream.copy(
                         dst[g.dst_slab].addr + g.dst_offset,
                         slabs[g.src_slab].addr + g.src_offset,

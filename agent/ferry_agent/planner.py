@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import LayoutMismatch
 from .layout import ALIGNMENT, Placement
@@ -155,6 +155,27 @@ def coalesce(
         last_t = t
     if cur is not None:
         out.append(cur)
+    return out
+
+
+def joined(segs: Sequence[Segment]) -> list[Segment]:
+    """Segments of one source that continue each other on both sides (same slabs) as one.
+
+    Sorted by source and source offset; no gap is bridged (unlike `coalesce`, whose
+    pairs know which target tensor comes next).
+    """
+    out: list[Segment] = []
+    for g in sorted(segs, key=lambda g: (g.source, g.src_slab, g.src_offset)):
+        last = out[-1] if out else None
+        if (
+            last is not None
+            and (last.source, last.src_slab, last.dst_slab) == (g.source, g.src_slab, g.dst_slab)
+            and last.src_offset + last.nbytes == g.src_offset
+            and last.dst_offset + last.nbytes == g.dst_offset
+        ):
+            out[-1] = replace(last, nbytes=last.nbytes + g.nbytes)
+        else:
+            out.append(g)
     return out
 
 

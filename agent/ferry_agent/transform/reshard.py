@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from ..errors import LayoutMismatch
 from ..layout import ALIGNMENT, DTYPE_SIZES, Placement, TensorSpec, align_up
-from ..planner import MAX_REPORTED, Segment
+from ..planner import MAX_REPORTED, Segment, joined
 
 COLUMN, ROW, REPLICATED = "column", "row", "replicated"
 
@@ -251,29 +251,7 @@ def segments(
                     pc.nbytes,
                 )
             )
-    segs.sort(key=lambda s: (s.source, s.src_slab, s.src_offset))
-    out: list[Segment] = []
-    for s in segs:
-        last = out[-1] if out else None
-        if (
-            last is not None
-            and last.source == s.source
-            and last.src_slab == s.src_slab
-            and last.dst_slab == s.dst_slab
-            and last.src_offset + last.nbytes == s.src_offset
-            and last.dst_offset + last.nbytes == s.dst_offset
-        ):
-            out[-1] = Segment(
-                s.source,
-                last.src_slab,
-                last.src_offset,
-                last.dst_slab,
-                last.dst_offset,
-                last.nbytes + s.nbytes,
-            )
-        else:
-            out.append(s)
-    return out
+    return joined(segs)
 
 
 def target_specs(
