@@ -85,11 +85,11 @@ def test_vram_manifest_carries_ipc_handles_and_locality_and_refuses_bad_handles(
 
 
 def test_same_gpu_copies_merge_segments_that_continue_each_other():
-    from ferry_agent.ipc import merged
-    from ferry_agent.planner import Segment
+    from ferry_agent.planner import Segment, joined
 
     chunks = [Segment(0, 0, o, 1, 4096 + o, 1 << 20) for o in range(0, 4 << 20, 1 << 20)]
     other = Segment(0, 2, 0, 1, 0, 4096)  # another source slab
     gap = Segment(0, 0, (4 << 20) + 512, 1, 4096 + (4 << 20) + 512, 100)  # padding between
-    got = merged([chunks[2], other, chunks[0], gap, chunks[3], chunks[1]])
-    assert got == [Segment(0, 0, 0, 1, 4096, 4 << 20), gap, other]
+    peer = Segment(1, 0, 4 << 20, 1, 4096 + (4 << 20), 100)  # continues both sides, other source
+    got = joined([chunks[2], peer, other, chunks[0], gap, chunks[3], chunks[1]])
+    assert got == [Segment(0, 0, 0, 1, 4096, 4 << 20), gap, other, peer]
