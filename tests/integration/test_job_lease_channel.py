@@ -8,13 +8,30 @@ here (the agent's pulls have their own process tests in tests/e2e).
 
 from __future__ import annotations
 
+import threading
+import time
+
 from kubernetes import client as k8s_client
 
 from ferry_agent.k8s.jobs import JobRunner
 from ferry_agent.k8s.reporter import Identity, Reporter
 from ferry_api import leases, ssa
 from ferry_api.leases import Report
-from tests.kube_helpers import GROUP, VERSION, cond, create, get, make_pod, wait_for
+from ferry_operator import rbac
+from tests.kube_helpers import (
+    GROUP,
+    VERSION,
+    cond,
+    create,
+    get,
+    grant,
+    make_pod,
+    pod_token,
+    token_client,
+    wait_for,
+)
+
+UID = "0b9d4c1e-0000-4000-8000-000000000002"
 
 WS = {
     "apiVersion": f"{GROUP}/{VERSION}",
@@ -350,3 +367,48 @@ def test_a_deleted_target_pod_leaves_the_job_real_apiserver(
     )
     for r in reporters:
         r.stop()
+
+
+def test_a_final_report_refused_for_a_while_is_written_once_the_apiserver_allows_it(
+    api_client: k8s_client.ApiClient, namespace: str
+) -> None:
+    """A kube-apiserver that has just restarted refuses the agent's writes (401, 403) until
+    its token and RBAC caches are filled. The refusal here is real RBAC on the agent's own
+    pod token: its RoleBinding taken away while the Done report is written, then given
+    back. The report is retried through the refusal and lands; it is not dropped, which
+    would leave the target Pulling on the job until its deadline."""
+    grant(api_client, namespace, "default", "ferry-agent", rbac.AGENT)
+    make_pod(api_client, namespace, "t-0", {"app": "inference"})
+    pod = token_client(api_client, pod_token(api_client, namespace, "t-0"))
+    ident = Identity("t-0", namespace, None, "10.0.0.2:7470")
+    reporter = Reporter(ident, lambda: {"state": "Empty"}, pod, renew_seconds=3600).start()
+    runner = JobRunner(None, ident, pod)
+    probe = Report.model_validate({"attempt": 1, "phase": "Pulling", "bytes": 1})
+    runner.write_report(UID, probe)
+    rbac_api = k8s_client.RbacAuthorizationV1Api(api_client)
+    binding = rbac_api.read_namespaced_role_binding("ferry-agent", namespace)
+    rbac_api.delete_namespaced_role_binding("ferry-agent", namespace)
+
+    def refused() -> bool:
+        try:
+            runner.write_report(UID, probe)
+            return False
+        except k8s_client.ApiException as exc:
+            return exc.status == 403
+
+    wait_for(refused, what="the agent's writes refused")
+    done = Report.model_validate({"attempt": 1, "phase": "Done", "bytes": 4096, "seconds": 1.0})
+    writer = threading.Thread(target=runner.write_final, args=(UID, done), daemon=True)
+    writer.start()
+    time.sleep(1.0)
+    assert writer.is_alive(), "the refused report is being retried"
+    ours = leases.read(lease_annotations(api_client, namespace, "t-0"), leases.REPORT)
+    assert ours[UID]["phase"] == "Pulling"
+
+    binding.metadata = k8s_client.V1ObjectMeta(name="ferry-agent", namespace=namespace)
+    rbac_api.create_namespaced_role_binding(namespace, binding)
+    writer.join(30)
+    assert not writer.is_alive(), "the report was written once allowed"
+    ours = leases.read(lease_annotations(api_client, namespace, "t-0"), leases.REPORT)
+    assert ours[UID] == {"attempt": 1, "phase": "Done", "bytes": 4096, "seconds": 1.0}
+    reporter.stop()

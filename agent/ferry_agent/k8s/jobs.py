@@ -36,9 +36,6 @@ from .transforms import TransformPulls
 
 log = logging.getLogger(__name__)
 FINAL = ("Done", "Failed")
-# Statuses of a write that may succeed when repeated (0: no HTTP response at all; 404:
-# the Lease is being re-created by the next renewal).
-TRANSIENT = (0, 404, 408, 409, 429, 500, 502, 503, 504)
 # A final report is retried from 0.2 s, doubling, to one try every 5 s.
 FINAL_RETRY_S, FINAL_RETRY_MAX_S = 0.2, 5.0
 # The server ends each watch of the Lease after this long; the agent lists and watches again.
@@ -234,11 +231,12 @@ class JobRunner:
             if cancel.is_set():
                 raise Cancelled("the job was deleted or re-assigned during the pull")
             seconds = min(round(time.monotonic() - pulling, 3), leases.MAX_SECONDS)
-            self._report(
+            self.write_final(
                 uid,
                 report.model_copy(
                     update={"phase": "Done", "bytes": int(result.bytes), "seconds": seconds}
                 ),
+                cancel,
             )
             log.info(
                 "refit %s attempt %d: %d bytes from %s%s in %.2fs",
@@ -252,7 +250,11 @@ class JobRunner:
         except FerryError as exc:
             log.warning("refit %s attempt %d failed: %s: %s", name, number, exc.reason, exc.message)
             self._fail(
-                uid, report.model_copy(update={"bytes": progress.bytes}), exc.reason, exc.message
+                uid,
+                report.model_copy(update={"bytes": progress.bytes}),
+                exc.reason,
+                exc.message,
+                cancel,
             )
         except Exception as exc:  # an unexpected error must still end the attempt visibly
             log.exception("refit %s attempt %d crashed", name, number)
@@ -261,6 +263,7 @@ class JobRunner:
                 report.model_copy(update={"bytes": progress.bytes}),
                 "AgentError",
                 f"{type(exc).__name__}: {exc}",
+                cancel,
             )
         finally:
             self._finished = [u for u in self._finished if u != uid] + [uid]
@@ -268,29 +271,40 @@ class JobRunner:
             if self.on_done:
                 self.on_done()
 
-    def _fail(self, uid: str, report: Report, reason: str, message: str) -> None:
-        self._report(
+    def _fail(
+        self,
+        uid: str,
+        report: Report,
+        reason: str,
+        message: str,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        self.write_final(
             uid,
             Report.model_validate(
                 {**report.wire(), "phase": "Failed", "reason": reason, "message": message}
             ),
+            cancel,
         )
 
-    def _report(self, uid: str, report: Report) -> None:
-        """An attempt's last word (Done or Failed), retried while the apiserver cannot take
-        it: an attempt left Pulling would hold the job until its deadline, and nothing else
-        would ever report it. A stopping agent gives up."""
+    def write_final(self, uid: str, report: Report, cancel: threading.Event | None = None) -> None:
+        """An attempt's last word (Done or Failed), retried until it is written: an attempt
+        left Pulling would hold the job until its deadline, and nothing else would ever
+        report it. Every failure is retried, refusals too: a kube-apiserver that has just
+        restarted answers 401 and 403 before its token and RBAC caches are filled, and its
+        admission policies refuse with 403 until they are loaded. Only a stopping agent,
+        or a cancelled attempt (its job deleted or re-assigned: the report is moot), gives
+        up."""
         delay = FINAL_RETRY_S
+        stop = cancel if cancel is not None else self._stop  # stop() also cancels the attempt
         while True:
             try:
                 self.write_report(uid, report)
                 return
             except client.ApiException as exc:
-                if exc.status not in TRANSIENT:
-                    raise
-                err: Exception = exc
+                err = f"{exc.status} {exc.reason}"
             except (urllib3.exceptions.HTTPError, OSError) as exc:  # apiserver unreachable
-                err = exc
+                err = f"{type(exc).__name__}: {exc}"
             log.warning(
                 "report on job %s (%s) not written, retrying in %.1fs: %s",
                 uid,
@@ -298,7 +312,7 @@ class JobRunner:
                 delay,
                 err,
             )
-            if self._stop.wait(delay):
+            if stop.wait(delay) or self._stop.is_set():
                 return
             delay = min(2 * delay, FINAL_RETRY_MAX_S)
 
