@@ -236,7 +236,6 @@ class JobRunner:
                 report.model_copy(
                     update={"phase": "Done", "bytes": int(result.bytes), "seconds": seconds}
                 ),
-                cancel,
             )
             log.info(
                 "refit %s attempt %d: %d bytes from %s%s in %.2fs",
@@ -250,11 +249,7 @@ class JobRunner:
         except FerryError as exc:
             log.warning("refit %s attempt %d failed: %s: %s", name, number, exc.reason, exc.message)
             self._fail(
-                uid,
-                report.model_copy(update={"bytes": progress.bytes}),
-                exc.reason,
-                exc.message,
-                cancel,
+                uid, report.model_copy(update={"bytes": progress.bytes}), exc.reason, exc.message
             )
         except Exception as exc:  # an unexpected error must still end the attempt visibly
             log.exception("refit %s attempt %d crashed", name, number)
@@ -263,7 +258,6 @@ class JobRunner:
                 report.model_copy(update={"bytes": progress.bytes}),
                 "AgentError",
                 f"{type(exc).__name__}: {exc}",
-                cancel,
             )
         finally:
             self._finished = [u for u in self._finished if u != uid] + [uid]
@@ -271,32 +265,21 @@ class JobRunner:
             if self.on_done:
                 self.on_done()
 
-    def _fail(
-        self,
-        uid: str,
-        report: Report,
-        reason: str,
-        message: str,
-        cancel: threading.Event | None = None,
-    ) -> None:
+    def _fail(self, uid: str, report: Report, reason: str, message: str) -> None:
         self.write_final(
             uid,
             Report.model_validate(
                 {**report.wire(), "phase": "Failed", "reason": reason, "message": message}
             ),
-            cancel,
         )
 
-    def write_final(self, uid: str, report: Report, cancel: threading.Event | None = None) -> None:
+    def write_final(self, uid: str, report: Report) -> None:
         """An attempt's last word (Done or Failed), retried until it is written: an attempt
-        left Pulling would hold the job until its deadline, and nothing else would ever
-        report it. Every failure is retried, refusals too: a kube-apiserver that has just
-        restarted answers 401 and 403 before its token and RBAC caches are filled, and its
-        admission policies refuse with 403 until they are loaded. Only a stopping agent,
-        or a cancelled attempt (its job deleted or re-assigned: the report is moot), gives
-        up."""
+        left Pulling would hold the job until its deadline (and a deleted job's finalizer
+        until then), and nothing else would ever report it. Every failure is retried,
+        refusals too: a kube-apiserver that has just restarted answers 401 and 403 before
+        its token and RBAC caches are filled. Only a stopping agent gives up."""
         delay = FINAL_RETRY_S
-        stop = cancel if cancel is not None else self._stop  # stop() also cancels the attempt
         while True:
             try:
                 self.write_report(uid, report)
@@ -312,7 +295,7 @@ class JobRunner:
                 delay,
                 err,
             )
-            if stop.wait(delay) or self._stop.is_set():
+            if self._stop.wait(delay):
                 return
             delay = min(2 * delay, FINAL_RETRY_MAX_S)
 
