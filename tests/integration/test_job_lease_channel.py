@@ -382,33 +382,35 @@ def test_a_final_report_refused_for_a_while_is_written_once_the_apiserver_allows
     pod = token_client(api_client, pod_token(api_client, namespace, "t-0"))
     ident = Identity("t-0", namespace, None, "10.0.0.2:7470")
     reporter = Reporter(ident, lambda: {"state": "Empty"}, pod, renew_seconds=3600).start()
-    runner = JobRunner(None, ident, pod)
-    probe = Report.model_validate({"attempt": 1, "phase": "Pulling", "bytes": 1})
-    runner.write_report(UID, probe)
-    rbac_api = k8s_client.RbacAuthorizationV1Api(api_client)
-    binding = rbac_api.read_namespaced_role_binding("ferry-agent", namespace)
-    rbac_api.delete_namespaced_role_binding("ferry-agent", namespace)
+    try:
+        runner = JobRunner(None, ident, pod)
+        probe = Report.model_validate({"attempt": 1, "phase": "Pulling", "bytes": 1})
+        runner.write_report(UID, probe)
+        rbac_api = k8s_client.RbacAuthorizationV1Api(api_client)
+        binding = rbac_api.read_namespaced_role_binding("ferry-agent", namespace)
+        rbac_api.delete_namespaced_role_binding("ferry-agent", namespace)
 
-    def refused() -> bool:
-        try:
-            runner.write_report(UID, probe)
-            return False
-        except k8s_client.ApiException as exc:
-            return exc.status == 403
+        def refused() -> bool:
+            try:
+                runner.write_report(UID, probe)
+                return False
+            except k8s_client.ApiException as exc:
+                return exc.status == 403
 
-    wait_for(refused, what="the agent's writes refused")
-    done = Report.model_validate({"attempt": 1, "phase": "Done", "bytes": 4096, "seconds": 1.0})
-    writer = threading.Thread(target=runner.write_final, args=(UID, done), daemon=True)
-    writer.start()
-    time.sleep(1.0)
-    assert writer.is_alive(), "the refused report is being retried"
-    ours = leases.read(lease_annotations(api_client, namespace, "t-0"), leases.REPORT)
-    assert ours[UID]["phase"] == "Pulling"
+        wait_for(refused, what="the agent's writes refused")
+        done = Report.model_validate({"attempt": 1, "phase": "Done", "bytes": 4096, "seconds": 1.0})
+        writer = threading.Thread(target=runner.write_final, args=(UID, done), daemon=True)
+        writer.start()
+        time.sleep(1.0)
+        assert writer.is_alive(), "the refused report is being retried"
+        ours = leases.read(lease_annotations(api_client, namespace, "t-0"), leases.REPORT)
+        assert ours[UID]["phase"] == "Pulling"
 
-    binding.metadata = k8s_client.V1ObjectMeta(name="ferry-agent", namespace=namespace)
-    rbac_api.create_namespaced_role_binding(namespace, binding)
-    writer.join(30)
-    assert not writer.is_alive(), "the report was written once allowed"
-    ours = leases.read(lease_annotations(api_client, namespace, "t-0"), leases.REPORT)
-    assert ours[UID] == {"attempt": 1, "phase": "Done", "bytes": 4096, "seconds": 1.0}
-    reporter.stop()
+        binding.metadata = k8s_client.V1ObjectMeta(name="ferry-agent", namespace=namespace)
+        rbac_api.create_namespaced_role_binding(namespace, binding)
+        writer.join(30)
+        assert not writer.is_alive(), "the report was written once allowed"
+        ours = leases.read(lease_annotations(api_client, namespace, "t-0"), leases.REPORT)
+        assert ours[UID] == {"attempt": 1, "phase": "Done", "bytes": 4096, "seconds": 1.0}
+    finally:
+        reporter.stop()
